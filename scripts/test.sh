@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv and run every check CI runs: lint, format, type check, tests.
+# Real MNIST/Fashion-MNIST tests read $EWC_DATA_DIR (default: ../shared/data) and skip without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+export EWC_DATA_DIR="${EWC_DATA_DIR:-$(cd .. && pwd)/shared/data}"
+export MPLBACKEND=Agg
+.venv/bin/python -m pytest -q "$@"
