@@ -1,0 +1,24 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    """The folder with the real ``mnist/`` and ``fashion-mnist/`` files, from ``$EWC_DATA_DIR``.
+
+    Skips the test when it is not set or has no such subfolders (CI sets it to
+    ``../shared/data``).
+    """
+    value = os.environ.get("EWC_DATA_DIR")
+    if not value or not all((Path(value) / name).is_dir() for name in ("mnist", "fashion-mnist")):
+        pytest.skip(
+            "real MNIST/Fashion-MNIST files not available: set EWC_DATA_DIR to a folder with "
+            "mnist/ and fashion-mnist/ subfolders"
+        )
+    return Path(value)
