@@ -22,3 +22,11 @@ def real_data_dir() -> Path:
             "mnist/ and fashion-mnist/ subfolders"
         )
     return Path(value)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use small models, for which one thread is fastest and immune to a busy machine."""
+    import torch
+
+    torch.set_num_threads(1)

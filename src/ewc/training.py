@@ -1,0 +1,640 @@
+"""The sequential runner: a task stream and a strategy in, an accuracy matrix and curves out.
+
+>>> from ewc.training import RunConfig, run
+>>> result = run(RunConfig(benchmark="split-digits", strategy="ewc"))   # doctest: +SKIP
+>>> result["accuracy_matrix"][-1]                                        # doctest: +SKIP
+
+Strategies: ``naive`` (fine-tuning), ``joint`` (all data so far: the upper bound), and the
+regularizers of :mod:`ewc.regularizers` (``ewc``, ``online-ewc``, ``si``, ``mas``, ``l2``).
+Unset options take the benchmark's published protocol (:data:`BENCHMARK_DEFAULTS`).
+
+The training loop is the plain PyTorch one: in-memory uint8 tensors, a batch is an index gather,
+the regularizer's closed-form gradient is added to ``.grad`` after ``backward`` (or, with
+``penalty="autograd"``, ``reg.penalty()`` is added to the loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ewc import __version__
+from ewc.data.streams import Task, TaskStream, make_stream
+from ewc.metrics import compute_metrics
+from ewc.models import MODEL_NAMES, build_model
+from ewc.regularizers import Regularizer, make_regularizer
+from ewc.results import RESULTS_SCHEMA, SWEEP_SCHEMA, save_results, write_summary_csv
+
+STRATEGIES = ("naive", "joint", "ewc", "online-ewc", "si", "mas", "l2")
+REGULARIZED = ("ewc", "online-ewc", "si", "mas", "l2")
+OPTIMIZERS = ("adam", "sgd")
+FISHER_KINDS = ("exact", "sampled", "empirical", "batched")
+PENALTY_PATHS = ("grad", "autograd")
+
+#: Published protocols. ``lam`` maps strategy -> default strength, chosen on validation data
+#: (docs/results.md says how); the rest are RunConfig fields.
+BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The seed notebook: SimpleCNN, Adam 1e-3, batch 512, 2 epochs a task, one shared head.
+    "fashion-mnist-to-mnist": dict(
+        model="cnn", epochs=2.0, batch_size=512, lr=1e-3,
+        lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
+    ),
+    # Hsu et al. 2018, "Re-evaluating continual learning scenarios".
+    "split-mnist": dict(
+        model="mlp", hidden=(400, 400), epochs=4.0, batch_size=128, lr=1e-3,
+        lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
+    ),
+    "split-fashion-mnist": dict(
+        model="mlp", hidden=(400, 400), epochs=4.0, batch_size=128, lr=1e-3,
+        lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
+    ),
+    # van de Ven et al. 2022, "Three types of incremental learning": 5000 iterations a task
+    # (GMvandeVen/continual-learning defaults for permMNIST).
+    "permuted-mnist": dict(
+        model="mlp", hidden=(1000, 1000), iterations=5000, batch_size=128, lr=1e-4,
+        lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
+    ),
+    "rotated-mnist": dict(
+        model="mlp", hidden=(400, 400), epochs=1.0, batch_size=128, lr=1e-3,
+        lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
+    ),
+    # Offline benchmarks on scikit-learn's digits (no network needed).
+    "split-digits": dict(
+        model="mlp", hidden=(100, 100), epochs=20.0, batch_size=32, lr=1e-3,
+        lam={"ewc": 1e3, "online-ewc": 1e3, "si": 1.0, "mas": 1.0, "l2": 1.0},
+    ),
+    "permuted-digits": dict(
+        model="mlp", hidden=(100, 100), epochs=20.0, batch_size=32, lr=1e-3,
+        lam={"ewc": 1e3, "online-ewc": 1e3, "si": 1.0, "mas": 1.0, "l2": 1.0},
+    ),
+}
+_GLOBAL_DEFAULTS: dict[str, Any] = dict(
+    model="mlp", hidden=(400, 400), epochs=1.0, batch_size=128, lr=1e-3, optimizer="adam"
+)
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the value and the fix."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one run. ``None`` means "the benchmark's published default".
+
+    Attributes:
+        benchmark: task stream name (see :func:`ewc.data.streams.make_stream`).
+        strategy: one of :data:`STRATEGIES`.
+        scenario: ``"task"``, ``"domain"`` or ``"class"`` (van de Ven et al. 2022).
+        n_tasks: number of tasks, for benchmarks that take one (permuted, rotated).
+        model: ``"mlp"`` or ``"cnn"``; ``hidden``: MLP hidden widths.
+        epochs: passes over each task's training set (may be fractional);
+            ``iterations``: optimizer steps per task (overrides ``epochs``).
+        batch_size: samples per step; ``lr``: learning rate; ``optimizer``: ``"adam"`` or ``"sgd"``.
+        lam: regularization strength λ in ``(λ/2) Σ Ω (θ - θ*)²``.
+        gamma: online EWC decay γ in (0, 1]; ``xi``: SI damping ξ.
+        fisher: Fisher kind for EWC (exact, sampled, empirical, batched);
+            ``fisher_samples``: samples per Fisher estimate (``None`` = the whole training set).
+        seed: seeds model initialisation, data order, permutations and validation splits.
+        data_dir: where MNIST-format files are (else ``$EWC_DATA_DIR``, cache, download).
+        download: allow downloading missing data.
+        device: torch device for the model and data (``"cpu"``, ``"cuda"``).
+        eval_every: optimizer steps between curve points (``None``: about 10 per task).
+        curve_samples: test samples per task used for curve points (the matrix uses all).
+        val_fraction: fraction of each task's training set held out for validation.
+        evaluate_on: ``"test"``, or ``"val"`` to choose hyper-parameters without test data.
+        max_train_samples: use at most this many training samples a task (fast demos, tests).
+        penalty: ``"grad"`` (closed-form gradient into ``.grad``) or ``"autograd"``.
+    """
+
+    benchmark: str = "split-digits"
+    strategy: str = "ewc"
+    scenario: str | None = None
+    n_tasks: int | None = None
+    model: str | None = None
+    hidden: tuple[int, ...] | None = None
+    epochs: float | None = None
+    iterations: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    lam: float | None = None
+    gamma: float = 1.0
+    xi: float = 0.1
+    fisher: str = "exact"
+    fisher_samples: int | None = None
+    seed: int = 0
+    data_dir: str | None = None
+    download: bool = True
+    device: str = "cpu"
+    eval_every: int | None = None
+    curve_samples: int = 1000
+    val_fraction: float = 0.0
+    evaluate_on: str = "test"
+    max_train_samples: int | None = None
+    penalty: str = "grad"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from a plain dict (a YAML/TOML config), rejecting unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}; "
+                f"valid keys: {', '.join(sorted(known - {'extra'}))}"
+            )
+        values = dict(values)
+        if values.get("hidden") is not None:
+            values["hidden"] = tuple(int(h) for h in values["hidden"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden) if self.hidden is not None else None
+        return d
+
+
+def _choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def resolve_config(config: RunConfig) -> RunConfig:
+    """Fill unset fields from the benchmark's protocol and validate every field up front."""
+    _choice("strategy", config.strategy, STRATEGIES)
+    protocol = BENCHMARK_DEFAULTS.get(config.benchmark, {})
+    filled = {}
+    for name, default in _GLOBAL_DEFAULTS.items():
+        if getattr(config, name) is None:
+            filled[name] = protocol.get(name, default)
+    if config.lam is None and config.strategy in REGULARIZED:
+        filled["lam"] = protocol.get("lam", {}).get(config.strategy, 1.0)
+    if config.iterations is None and "iterations" in protocol and config.epochs is None:
+        filled["iterations"] = protocol["iterations"]
+    cfg = dataclasses.replace(config, **filled)
+    _choice("model", cfg.model, MODEL_NAMES)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("fisher kind", cfg.fisher, FISHER_KINDS)
+    _choice("penalty path", cfg.penalty, PENALTY_PATHS)
+    _choice("evaluate_on", cfg.evaluate_on, ("test", "val"))
+    positive = dict(batch_size=cfg.batch_size, lr=cfg.lr, curve_samples=cfg.curve_samples)
+    if cfg.iterations is not None:
+        positive["iterations"] = cfg.iterations
+    else:
+        positive["epochs"] = cfg.epochs
+    for opt in ("eval_every", "fisher_samples", "max_train_samples", "n_tasks"):
+        if getattr(cfg, opt) is not None:
+            positive[opt] = getattr(cfg, opt)
+    for name, value in positive.items():
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    if cfg.lam is not None and not (math.isfinite(cfg.lam) and cfg.lam >= 0):
+        raise ConfigError(f"lam must be a finite number >= 0, got {cfg.lam!r}")
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available; use cpu")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction!r}")
+    if cfg.evaluate_on == "val" and cfg.val_fraction == 0:
+        raise ConfigError("evaluate_on='val' needs a validation split: set val_fraction > 0")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _to_float(x: Tensor) -> Tensor:
+    """uint8 images in 0..255 -> float32 in [0, 1]; float inputs pass through."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+def _mask_logits(logits: Tensor, active: Tensor | None) -> Tensor:
+    """Set the logits of inactive output units to -inf. ``active``: bool [n_outputs] or [B, n]."""
+    return logits if active is None else logits.masked_fill(~active, float("-inf"))
+
+
+def _masked_forward(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor | None]) -> tuple:
+    x, y, active = batch
+    return _mask_logits(model(x), active), y
+
+
+class _Batches:
+    """Re-iterable ``(x_float, y, active_mask)`` batches over a fixed sample order."""
+
+    def __init__(
+        self, x: Tensor, y: Tensor, active: Tensor | None, batch_size: int, order: Tensor
+    ) -> None:
+        self.x, self.y, self.active, self.batch_size, self.order = x, y, active, batch_size, order
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        for idx in self.order.split(self.batch_size):
+            yield _to_float(self.x[idx]), self.y[idx], self.active
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, active: Tensor | None = None, batch_size: int = 1000
+) -> float:
+    """Accuracy (fraction) of ``model`` on inputs ``x`` [N, ...] with labels ``y`` [N]."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        logits = _mask_logits(model(_to_float(x[start : start + batch_size])), active)
+        correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(len(y), 1)
+
+
+class _Masks:
+    """Which output units are active, per scenario (see docs/design.md)."""
+
+    def __init__(self, stream: TaskStream, device: torch.device) -> None:
+        n = stream.n_outputs
+        rows = torch.zeros(len(stream.tasks), n, dtype=torch.bool, device=device)
+        for t, task in enumerate(stream.tasks):
+            rows[t, task.classes] = True
+        self.rows, self.scenario = rows, stream.scenario
+
+    def seen(self, upto: int) -> Tensor:
+        return self.rows[: upto + 1].any(0)
+
+    def train(self, stage: int, task: int) -> Tensor | None:
+        if self.scenario == "task":
+            return self.rows[task]
+        if self.scenario == "class":
+            return self.seen(stage)
+        return None
+
+    def eval(self, stage: int, task: int) -> Tensor | None:
+        if self.scenario == "class":
+            return self.seen(max(stage, task))
+        return self.train(stage, task)
+
+
+def _importance_summary(
+    importance: dict[str, Tensor], model: nn.Module, input_shape: Sequence[int], task: int
+) -> dict[str, Any]:
+    """Per-layer log10 histograms of an importance dict, and per-pixel importance of a first
+    Linear layer on images (summed over its output units)."""
+    positive = torch.cat([v.flatten() for v in importance.values()])
+    positive = positive[positive > 0]
+    lo, hi = (
+        (positive.min().log10().item(), positive.max().log10().item())
+        if len(positive)
+        else (-12.0, 0.0)
+    )
+    edges = torch.linspace(math.floor(lo), math.ceil(hi) + 1e-9, 41, dtype=torch.float64)
+    layers = {}
+    for name, value in importance.items():
+        v = value.detach().double().flatten().cpu()
+        logv = v[v > 0].log10()
+        counts = torch.histogram(logv, bins=edges).hist if len(logv) else torch.zeros(40)
+        layers[name] = {
+            "log10_edges": edges.tolist(),
+            "counts": [int(c) for c in counts],
+            "zeros": int((v <= 0).sum()),
+            "mean": float(v.mean()),
+            "max": float(v.max()),
+        }
+    summary: dict[str, Any] = {"task": task, "layers": layers}
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
+    if isinstance(first, nn.Linear) and len(input_shape) == 3:
+        name = next(n for n, p in model.named_parameters() if p is first.weight)
+        if name in importance:
+            pixels = importance[name].detach().sum(0).reshape(tuple(input_shape)).sum(0)
+            summary["input_importance"] = {
+                "shape": list(pixels.shape),
+                "values": [float(v) for v in pixels.flatten()],
+            }
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    return {"ewc": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _subsample(task: Task, n: int | None, generator: torch.Generator) -> Task:
+    if n is None or n >= len(task.train.y):
+        return task
+    keep = torch.randperm(len(task.train.y), generator=generator)[:n]
+    return dataclasses.replace(task, train=type(task.train)(task.train.x[keep], task.train.y[keep]))
+
+
+def _pair_to(pair: Any, device: torch.device) -> Any:
+    return type(pair)(pair.x.to(device), pair.y.to(device))
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def run(
+    config: RunConfig,
+    stream: TaskStream | None = None,
+    model: nn.Module | None = None,
+    progress: bool = False,
+    on_task_end: Callable[[int, list[float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the tasks of a stream in sequence and return a results dict (schema ewc.results/1).
+
+    Args:
+        config: the run's settings; unset fields take the benchmark's protocol.
+        stream: a ready task stream (e.g. from :func:`ewc.data.streams.stream_from_tensors`);
+            built from ``config.benchmark`` when omitted.
+        model: your own ``nn.Module`` mapping a float batch ``[B, *input_shape]`` to logits
+            ``[B, stream.n_outputs]``; built from ``config.model`` when omitted.
+        progress: show a progress bar (tqdm) over optimizer steps.
+        on_task_end: called as ``on_task_end(task_index, accuracies)`` after each task.
+    """
+    cfg = resolve_config(config)
+    t_start = time.perf_counter()
+    device = torch.device(cfg.device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if stream is None:
+        stream = make_stream(
+            cfg.benchmark,
+            scenario=cfg.scenario,
+            n_tasks=cfg.n_tasks,
+            data_dir=cfg.data_dir,
+            seed=cfg.seed,
+            val_fraction=cfg.val_fraction,
+            download=cfg.download,
+        )
+    tasks = [_subsample(t, cfg.max_train_samples, generator) for t in stream.tasks]
+    train_sets = [_pair_to(t.train, device) for t in tasks]
+    eval_sets = [_pair_to(t.val if cfg.evaluate_on == "val" else t.test, device) for t in tasks]
+    if model is None:
+        model = build_model(cfg.model, stream.input_shape, stream.n_outputs, cfg.hidden or ())
+    model.to(device).train()
+    optimizer = _make_optimizer(cfg, model)
+    masks = _Masks(stream, device)
+    reg: Regularizer | None = None
+    if cfg.strategy in REGULARIZED:
+        reg = _make_regularizer(cfg, model)
+
+    def accuracies(stage: int, limit: int | None = None) -> list[float]:
+        return [
+            evaluate(model, e.x[:limit], e.y[:limit], masks.eval(stage, j))
+            for j, e in enumerate(eval_sets)
+        ]
+
+    timings = {"train_s": 0.0, "fisher_s": 0.0, "eval_s": 0.0}
+    tic = time.perf_counter()
+    random_init = accuracies(-1)
+    timings["eval_s"] += time.perf_counter() - tic
+    matrix: list[list[float]] = []
+    curve_steps: list[int] = []
+    curve_acc: list[list[float]] = []
+    boundaries: list[int] = []
+    importance: list[dict[str, Any]] = []
+    step = 0
+    steps_per_task = [_n_steps(cfg, len(s.y) if cfg.strategy != "joint" else
+                               sum(len(p.y) for p in train_sets[: t + 1]))
+                      for t, s in enumerate(train_sets)]
+    bar = _progress_bar(progress, sum(steps_per_task), cfg)
+    for t in range(len(tasks)):
+        boundaries.append(step)
+        x, y, ids = _stage_data(train_sets, t, joint=cfg.strategy == "joint")
+        # Joint training in the task scenario mixes tasks in a batch: one mask row per sample.
+        per_sample = cfg.strategy == "joint" and stream.scenario == "task"
+        active_row = masks.train(t, t)
+        every = cfg.eval_every or max(1, steps_per_task[t] // 10)
+        tic = time.perf_counter()
+        for idx in _batch_indices(len(y), cfg.batch_size, steps_per_task[t], generator, device):
+            if step % every == 0:
+                timings["train_s"] += time.perf_counter() - tic
+                tic = time.perf_counter()
+                curve_steps.append(step)
+                curve_acc.append(accuracies(t, cfg.curve_samples))
+                timings["eval_s"] += time.perf_counter() - tic
+                tic = time.perf_counter()
+            active = masks.rows[ids[idx]] if per_sample else active_row
+            logits = _mask_logits(model(_to_float(x[idx])), active)
+            loss = F.cross_entropy(logits, y[idx])
+            if reg is not None and cfg.penalty == "autograd":
+                loss = loss + reg.penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if reg is not None and cfg.penalty == "grad":
+                reg.add_penalty_grad()
+            optimizer.step()
+            if reg is not None:
+                reg.after_step()
+            step += 1
+            if bar is not None:
+                bar.update()
+        timings["train_s"] += time.perf_counter() - tic
+        if reg is not None:
+            tic = time.perf_counter()
+            order = torch.randperm(len(train_sets[t].y), generator=generator).to(device)
+            if cfg.fisher_samples is not None:
+                order = order[: cfg.fisher_samples]
+            reg.consolidate(_Batches(train_sets[t].x, train_sets[t].y, active_row, 1024, order))
+            timings["fisher_s"] += time.perf_counter() - tic
+            importance.append(_importance_summary(reg.importance, model, stream.input_shape, t))
+        tic = time.perf_counter()
+        matrix.append(accuracies(t))
+        curve_steps.append(step)
+        curve_acc.append(accuracies(t, cfg.curve_samples))
+        timings["eval_s"] += time.perf_counter() - tic
+        if on_task_end is not None:
+            on_task_end(t, matrix[-1])
+    if bar is not None:
+        bar.close()
+    timings["total_s"] = time.perf_counter() - t_start
+    return {
+        "schema": RESULTS_SCHEMA,
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+        "strategy": cfg.strategy,
+        "benchmark": stream.name,
+        "scenario": stream.scenario,
+        "seed": cfg.seed,
+        "task_names": [t.name for t in tasks],
+        "accuracy_matrix": matrix,
+        "random_init_accuracy": random_init,
+        "metrics": compute_metrics(matrix, random_init),
+        "curves": {"step": curve_steps, "task_boundaries": boundaries, "accuracy": curve_acc},
+        "timings": timings,
+        "importance": importance,
+    }
+
+
+def _n_steps(cfg: RunConfig, n_samples: int) -> int:
+    if cfg.iterations is not None:
+        return int(cfg.iterations)
+    assert cfg.epochs is not None and cfg.batch_size is not None
+    return max(1, math.ceil(cfg.epochs * n_samples / cfg.batch_size))
+
+
+def _batch_indices(
+    n: int, batch_size: int, n_steps: int, generator: torch.Generator, device: torch.device
+) -> Iterator[Tensor]:
+    """``n_steps`` batches of sample indices; reshuffled every epoch, the last batch of an epoch
+    may be smaller."""
+    done = 0
+    while done < n_steps:
+        for idx in torch.randperm(n, generator=generator).to(device).split(batch_size):
+            if done == n_steps:
+                return
+            yield idx
+            done += 1
+
+
+def _stage_data(
+    train_sets: list[Any], stage: int, joint: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training inputs, labels and per-sample task ids for one stage (tasks 0..stage if joint)."""
+    chosen = range(stage + 1) if joint else [stage]
+    x = torch.cat([train_sets[j].x for j in chosen])
+    y = torch.cat([train_sets[j].y for j in chosen])
+    ids = torch.cat(
+        [torch.full((len(train_sets[j].y),), j, dtype=torch.long, device=y.device) for j in chosen]
+    )
+    return x, y, ids
+
+
+def _make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    return torch.optim.Adam(params, lr=cfg.lr)
+
+
+def _make_regularizer(cfg: RunConfig, model: nn.Module) -> Regularizer:
+    kwargs: dict[str, Any] = {"lam": cfg.lam}
+    if cfg.strategy in ("ewc", "online-ewc"):
+        kwargs.update(fisher=cfg.fisher, forward=_masked_forward)
+    if cfg.strategy == "online-ewc":
+        kwargs["gamma"] = cfg.gamma
+    if cfg.strategy == "si":
+        kwargs["xi"] = cfg.xi
+    if cfg.strategy == "mas":
+        kwargs["forward"] = _masked_forward
+    return make_regularizer(cfg.strategy, model, **kwargs)
+
+
+def _progress_bar(enabled: bool, total: int, cfg: RunConfig) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"{cfg.strategy} seed {cfg.seed}", unit="step", leave=False)
+
+
+# ----------------------------------------------------------------------------- several runs
+
+
+def result_path(out_dir: Path, strategy: str, seed: int) -> Path:
+    """Where :func:`compare` writes the results of one strategy and seed."""
+    return out_dir / f"{strategy}-seed{seed}.json"
+
+
+def compare(
+    config: RunConfig,
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    progress: bool = False,
+    resume: bool = True,
+) -> list[dict[str, Any]]:
+    """Run several strategies on identical seeds and data; write one results file per run as it
+    finishes (so an interrupted comparison keeps what it finished) and ``summary.csv``.
+
+    With ``resume``, a run whose results file exists with the same config is read, not rerun.
+    """
+    for s in strategies:
+        _choice("strategy", s, STRATEGIES)
+    if not strategies or not seeds:
+        raise ConfigError("compare needs at least one strategy and one seed")
+    out = Path(out_dir)
+    results = []
+    for seed in seeds:
+        for strategy in strategies:
+            cfg = resolve_config(dataclasses.replace(config, strategy=strategy, seed=seed))
+            path = result_path(out, strategy, seed)
+            previous = _load_matching(path, cfg) if resume else None
+            result = previous or run(cfg, progress=progress)
+            if previous is None:
+                save_results(result, path)
+            results.append(result)
+    write_summary_csv(results, out / "summary.csv")
+    return results
+
+
+def _load_matching(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    from ewc.results import load_results
+
+    if not path.exists():
+        return None
+    try:
+        previous = load_results(path)
+    except ValueError:
+        return None
+    return previous if previous.get("config") == cfg.to_dict() else None
+
+
+def sweep(
+    config: RunConfig,
+    grid: Sequence[float],
+    out_dir: str | Path,
+    param: str = "lam",
+    val_fraction: float = 0.1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Choose ``param`` (λ by default) on a validation split held out of the training data, then
+    rerun with the chosen value and report test accuracy. Never looks at test data to choose.
+
+    Writes ``out_dir/sweep.json`` (schema ewc.sweep/1), ``out_dir/<param>=<value>.json`` per grid
+    point (validation results) and ``out_dir/final.json`` (test results at the chosen value).
+    """
+    if not grid:
+        raise ConfigError(f"the {param} grid is empty; give values such as 1e2,1e3,1e4")
+    if param not in {f.name for f in dataclasses.fields(RunConfig)}:
+        raise ConfigError(f"cannot sweep unknown config field {param!r}")
+    out = Path(out_dir)
+    points = []
+    for value in grid:
+        cfg = dataclasses.replace(
+            config, **{param: value}, val_fraction=val_fraction, evaluate_on="val"
+        )
+        result = run(cfg, progress=progress)
+        save_results(result, out / f"{param}={value:g}.json")
+        last = result["accuracy_matrix"][-1]
+        points.append(
+            {
+                "value": value,
+                "val_acc": result["metrics"]["acc"],
+                "val_old_acc": sum(last[:-1]) / max(len(last) - 1, 1),
+                "val_new_acc": last[-1],
+            }
+        )
+    chosen = max(points, key=lambda p: p["val_acc"])["value"]
+    final = run(dataclasses.replace(config, **{param: chosen}), progress=progress)
+    final_path = save_results(final, out / "final.json")
+    summary = {
+        "schema": SWEEP_SCHEMA,
+        "param": param,
+        "strategy": config.strategy,
+        "benchmark": config.benchmark,
+        "grid": list(grid),
+        "points": points,
+        "chosen": chosen,
+        "final": str(final_path),
+        "versions": _versions(),
+    }
+    save_results(summary, out / "sweep.json")
+    return summary

@@ -1,0 +1,116 @@
+"""The command line, run in-process through ewc.cli.main (fast settings on offline digits)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import ewc
+from ewc.cli import main
+
+FAST = ["--benchmark", "split-digits", "--epochs", "1", "--hidden", "32", "--quiet"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ewc {ewc.__version__}"
+
+
+def test_console_script_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "ewc.cli", "run", "--help"], capture_output=True, text=True,
+        check=True,
+    ).stdout
+    assert "--fisher" in out and "--lam" in out and "--benchmark" in out
+
+
+def test_run_writes_results_and_report(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["run", *FAST, "--strategy", "ewc", "--lam", "100", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["lam"] == 100 and result["strategy"] == "ewc"
+    assert out.with_suffix(".html").exists()
+    printed = capsys.readouterr().out
+    assert "| ewc | 1 |" in printed and "report:" in printed
+
+
+def test_compare_with_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("benchmark: split-digits\nepochs: 1\nhidden: [32]\nscenario: domain\n")
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", str(cfg), "--strategies", "naive,ewc", "--seeds", "0,1",
+            "--quiet", "--no-report", "--out", str(out)]
+    assert main(argv) == 0
+    assert len(list(out.glob("*-seed*.json"))) == 4
+    summary = (out / "summary.md").read_text()
+    assert "| naive | 2 |" in summary and "| ewc | 2 |" in summary
+    assert json.loads((out / "ewc-seed1.json").read_text())["scenario"] == "domain"
+
+
+def test_toml_config_and_command_line_wins(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('benchmark = "split-digits"\nepochs = 1\nhidden = [16]\nlr = 0.5\n')
+    out = tmp_path / "r.json"
+    argv = ["run", "--config", str(cfg), "--lr", "0.002", "--strategy", "naive", "--quiet",
+            "--no-report", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["config"]["lr"] == 0.002
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--benchmark", "nope", "--out", "x.json"], "unknown benchmark 'nope'"),
+        (["run", *FAST, "--strategy", "ewx", "--out", "x.json"], "unknown strategy 'ewx'"),
+        (["run", *FAST, "--scenario", "cls", "--out", "x.json"], "cls"),
+        (["run", *FAST, "--out", "x.txt"], "--out must name a .json file"),
+        (["sweep", *FAST, "--grid", ",", "--out", "d"], "--grid is empty"),
+        (["compare", *FAST, "--seeds", "a", "--out", "d"], "--seeds takes comma-separated"),
+        (["report", "missing.json", "--out", "r.html"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_config_key_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lamda: 3\n")
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "x.json")]) == 2
+    assert "unknown config key(s) 'lamda'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_wrong_data_dir_exit_2(corrupt, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("EWC_DATA_DIR", raising=False)
+    monkeypatch.setenv("EWC_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    if corrupt:  # a file with the right name and the wrong content
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            (data / name).write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 12)
+    argv = ["run", "--benchmark", "split-mnist", "--data-dir", str(data), "--no-download",
+            "--strategy", "naive", "--out", str(tmp_path / "x.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_demo_falls_back_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EWC_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("EWC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--no-download", "--quiet", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "offline permuted-digits" in captured.err
+    assert (out / "report.html").exists()
+    assert captured.out.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
