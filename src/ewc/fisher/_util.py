@@ -1,0 +1,43 @@
+"""Small helpers: memory budgeting for per-sample intermediates, summing partial results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from torch import Tensor
+
+T = TypeVar("T")
+
+MEMORY_BUDGET_BYTES = 256 * 2**20
+"""Rough cap, in bytes, on the per-sample tensors one rule materialises at a time."""
+
+
+def sample_chunks(
+    n: int, bytes_per_sample: int, budget: int = MEMORY_BUDGET_BYTES
+) -> Iterator[slice]:
+    """Slices of ``range(n)`` holding about ``budget`` bytes each (at least one sample)."""
+    step = max(1, budget // max(1, bytes_per_sample))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def byte_groups(items: Iterable[T], nbytes: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive groups of ``items`` of at most :data:`MEMORY_BUDGET_BYTES` (at least 1 item)."""
+    group: list[T] = []
+    size = 0
+    for item in items:
+        b = nbytes(item)
+        if group and size + b > MEMORY_BUDGET_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += b
+    if group:
+        yield group
+
+
+def accumulate(sums: dict[str, Tensor], part: dict[str, Tensor]) -> None:
+    """``sums[name] += part[name]`` for every name, inserting missing names."""
+    for name, value in part.items():
+        sums[name] = sums[name] + value if name in sums else value

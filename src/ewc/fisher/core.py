@@ -1,0 +1,221 @@
+"""``fisher_diagonal``: the diagonal Fisher information of a model, four ways."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Iterator
+from contextlib import closing
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._util import accumulate
+from .batching import Forward, batch_size, call_forward, default_forward, take
+from .errors import FisherError
+from .func import func_batch
+from .hooks import HookEngine, HooksUnsupported
+from .likelihoods import Likelihood, SeededGenerator, checked_log_prob, resolve_likelihood
+from .loop import loop_batch
+from .request import Request
+
+KINDS = ("exact", "sampled", "empirical", "batched")
+METHODS = ("auto", "hooks", "func", "loop")
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    batches: Iterable[Any],
+    kind: str = "exact",
+    likelihood: str | Likelihood = "categorical",
+    n_samples: int | None = None,
+    forward: Forward | None = None,
+    seed: int = 0,
+    method: str = "auto",
+) -> dict[str, Tensor]:
+    r"""The diagonal of the Fisher information, averaged over samples.
+
+    For samples :math:`x_1..x_N` and per-sample gradients
+    :math:`g_i(y) = \nabla_\theta \log p(y \mid x_i, \theta)`, returns per parameter
+
+    - ``"exact"``: :math:`\frac1N \sum_i \mathbb{E}_{y \sim p(\cdot \mid x_i)}[g_i(y)^2]`, the
+      true Fisher (for a categorical, :math:`\sum_c p_c\, g_i(c)^2`; Martens 2020);
+    - ``"sampled"``: :math:`\frac1N \sum_i g_i(\tilde y_i)^2` with one
+      :math:`\tilde y_i \sim p(\cdot \mid x_i)` per sample, an unbiased Monte-Carlo estimate of
+      the exact one (the estimator of Kirkpatrick et al. 2017), reproducible from ``seed``;
+    - ``"empirical"``: :math:`\frac1N \sum_i g_i(y_i)^2` with the true labels -- not the
+      Fisher in general (Kunstner et al. 2019);
+    - ``"batched"``: :math:`\frac1N \sum_b B_b\, \bar g_b^2` with :math:`\bar g_b` the gradient
+      of the *mean* log-likelihood of mini-batch :math:`b` (size :math:`B_b`, true labels). A
+      cheap, **biased** approximation (cross-sample products do not vanish) that several
+      libraries use; it depends on the batching and equals ``"empirical"`` for batches of one.
+
+    Entries have the units of :math:`(\partial \log p / \partial\theta)^2`, i.e. 1/θ².
+
+    Computed in eval mode (dropout off, BatchNorm with its running statistics, which stay
+    untouched); the ``training`` flag of every submodule is restored afterwards. Gradients come
+    from ``torch.autograd.grad``: every ``param.grad`` stays as it was. The model's
+    parameters are not changed and no graph outlives the call.
+
+    Args:
+        model: a batch-first model (samples along dim 0 of inputs and outputs).
+        batches: an iterable of batches, e.g. a ``DataLoader`` or a list of
+            ``(inputs, targets)`` tensor pairs. The hook method processes each batch at once, so
+            the batch size sets the speed / memory trade-off (1024 is a good start for MNIST).
+        kind: ``"exact"``, ``"sampled"``, ``"empirical"`` or ``"batched"`` (see above).
+        likelihood: ``"categorical"`` (softmax over logits ``[N, C]``; int64 targets; ``-inf``
+            logits mean probability 0), ``"gaussian"`` (unit variance; float targets shaped like
+            the output), a :class:`~ewc.fisher.GaussianLikelihood` or any object implementing
+            :class:`~ewc.fisher.Likelihood`.
+        n_samples: use only the first ``n_samples`` samples (the last batch is cut; iteration
+            stops there). ``None``: all.
+        forward: ``forward(model, batch) -> (output, target)``, how a batch is fed; default
+            ``model(batch[0]), batch[1]``. Use it for dict batches, extra model arguments or
+            output masks (``out.masked_fill(~active, -inf)``).
+        seed: seeds the ``torch.Generator`` of ``"sampled"`` (the global RNG is not used).
+        method: ``"auto"`` (default): forward/backward hooks and per-layer rules (Linear: one
+            matmul :math:`(\delta^2)^\top a^2` over the batch, Goodfellow 2015; Conv1d/2d,
+            BatchNorm, LayerNorm, GroupNorm, Embedding; any other module by a per-sample
+            ``torch.func`` vjp), switching to ``"func"`` where the hooks cannot split the
+            computation per module (a module called twice, shared or outside-used
+            parameters). ``"hooks"``: the same, raising :class:`FisherError` instead of
+            switching. ``"func"``: whole-model ``vmap`` of per-sample vjps. ``"loop"``: the plain
+            per-sample reference. The first three give the same result up to rounding for
+            ``"exact"``, ``"sampled"`` and ``"empirical"``; ``"batched"`` ignores ``method``.
+
+    Returns:
+        ``{name: F}`` for every parameter with ``requires_grad`` (names from
+        ``model.named_parameters()``), each with its parameter's shape, device and dtype.
+
+    Raises:
+        FisherError: (a ``ValueError``) for an unknown ``kind`` / ``likelihood`` / ``method``,
+            no trainable parameters, ``batches`` without samples, targets outside the classes,
+            zero-probability targets, or a non-finite result.
+
+    References:
+        Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks", PNAS.
+        Martens 2020, "New insights and perspectives on the natural gradient method", JMLR.
+        Kunstner, Balles & Hennig 2019, "Limitations of the empirical Fisher approximation",
+        NeurIPS. Goodfellow 2015, "Efficient per-example gradient computations", arXiv:1510.01799.
+    """
+    _check_choice("kind", kind, KINDS)
+    _check_choice("method", method, METHODS)
+    if n_samples is not None and (
+        isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1
+    ):
+        raise FisherError(
+            f"n_samples must be a positive int or None; got n_samples={n_samples!r}. Pass e.g. "
+            "n_samples=1000, or None to use every sample."
+        )
+    resolved = resolve_likelihood(likelihood, kind)
+    params: dict[str, Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise FisherError(
+            f"{type(model).__name__} has no parameters with requires_grad=True, so there is no "
+            "Fisher to compute. Unfreeze the parameters to consolidate."
+        )
+    if kind != "batched" and method != "loop":
+        _check_samples_independent(model)
+    modes = {module: module.training for module in model.modules()}
+    sums: dict[str, Tensor] = {}
+    total = 0
+    model.eval()
+    try:
+        request = Request(
+            model, params, forward or default_forward, kind, resolved, SeededGenerator(seed)
+        )
+        parts = _per_batch(request, _first_samples(batches, n_samples), method)
+        with torch.enable_grad(), closing(parts):
+            for part, n in parts:
+                accumulate(sums, part)
+                total += n
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if total == 0:
+        raise FisherError(
+            "batches yielded no samples; pass a non-empty DataLoader or list of "
+            "(inputs, targets) batches."
+        )
+    fisher = {
+        name: (sums[name] / total).to(p.dtype) if name in sums else torch.zeros_like(p)
+        for name, p in params.items()
+    }
+    for name, f in fisher.items():
+        bad = ~torch.isfinite(f)
+        if bool(bad.any()):
+            raise FisherError(
+                f"the Fisher of parameter {name!r} has {int(bad.sum())} NaN/Inf entries: the "
+                "model's outputs or gradients overflow. Lower the learning rate, check the inputs "
+                "for NaN/Inf, or compute in float64."
+            )
+    return fisher
+
+
+def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise FisherError(f"{what}={value!r} is not one of {list(choices)}; pass one of those.")
+
+
+def _check_samples_independent(model: nn.Module) -> None:
+    """Refuse layers that mix samples in eval mode (the batched forward would not be per-sample)."""
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module.running_mean is None:
+            raise FisherError(
+                f"BatchNorm {name!r} has no running statistics, so even in eval mode it normalises "
+                "with batch statistics and mixes the samples: a per-sample Fisher from a batched "
+                "forward is undefined. Use track_running_stats=True, or method='loop' (which "
+                "normalises each sample alone)."
+            )
+
+
+def _first_samples(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:
+    """``batches``, cut after ``limit`` samples (without pulling the next batch)."""
+    if limit is None:
+        yield from batches
+        return
+    remaining = limit
+    for batch in batches:
+        n = batch_size(batch)
+        if n >= remaining:
+            yield take(batch, n, slice(0, remaining))
+            return
+        remaining -= n
+        yield batch
+
+
+def _per_batch(
+    request: Request, batches: Iterator[Any], method: str
+) -> Generator[tuple[dict[str, Tensor], int], None, None]:
+    """Per batch: sums of squared per-sample gradients (by parameter name) and the sample count."""
+    hooks = method in ("auto", "hooks") and request.kind != "batched"
+    engine = HookEngine(request) if hooks else None
+    try:
+        for batch in batches:
+            result = None
+            if request.kind == "batched":
+                result = _batched(request, batch)
+            elif engine is not None:
+                try:
+                    result = engine.batch(batch)
+                except HooksUnsupported:
+                    if method == "hooks":
+                        raise
+                    engine.close()
+                    engine = None
+            if result is None:
+                result = (loop_batch if method == "loop" else func_batch)(request, batch)
+            yield result
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _batched(request: Request, batch: Any) -> tuple[dict[str, Tensor], int]:
+    """:math:`B \\bar g^2` with :math:`\\bar g` the gradient of the batch-mean log-likelihood."""
+    output, target, n = call_forward(request.forward, request.model, batch)
+    mean = checked_log_prob(request.likelihood, output, target).mean()
+    params = request.params
+    grads = torch.autograd.grad(mean, list(params.values()), allow_unused=True)
+    squares = {name: n * g.square() for name, g in zip(params, grads, strict=True) if g is not None}
+    return squares, n

@@ -1,0 +1,236 @@
+r"""Likelihoods: how a model output defines :math:`p(y \mid x)`.
+
+A likelihood is any object with these methods (see :class:`Likelihood`); ``output`` is the model
+output for a batch (samples along dim 0), ``target`` the batch's targets:
+
+``log_prob(output, target) -> Tensor[N]``
+    :math:`\log p(y_i \mid x_i)` per sample, differentiable in ``output``. Row ``i`` may depend
+    on ``output[i]`` and ``target[i]`` only. Used by the ``"empirical"``, ``"sampled"`` and
+    ``"batched"`` kinds.
+``sample(output, generator) -> target``
+    One draw :math:`y_i \sim p(\cdot \mid x_i)` per sample, using only ``generator`` for
+    randomness. Used by ``"sampled"``.
+``exact_output_grads(output) -> Iterator[Tensor]``
+    Tensors :math:`v_1, \dots, v_K` shaped like ``output`` with
+    :math:`\sum_k v_{k,i} v_{k,i}^\top = \mathbb{E}_{y \sim p(\cdot \mid x_i)}
+    [\nabla_{f} \log p(y \mid f_i) \nabla_{f} \log p(y \mid f_i)^\top]`, the Fisher of the
+    likelihood in output space. Backpropagating each :math:`v_k` and summing the squared
+    parameter gradients gives the exact diagonal Fisher. Used by ``"exact"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .errors import FisherError
+
+
+@runtime_checkable
+class Likelihood(Protocol):
+    """The protocol :func:`ewc.fisher.fisher_diagonal` needs; see the module docstring."""
+
+    def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-sample log-likelihood, shape ``[N]``."""
+        ...
+
+    def sample(self, output: Tensor, generator: torch.Generator) -> Tensor:
+        """One target per sample drawn from the model's predictive distribution."""
+        ...
+
+    def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
+        """Output-space square-root factors of the likelihood's Fisher (see module docstring)."""
+        ...
+
+
+class CategoricalLikelihood:
+    r"""Softmax over logits ``output[N, C]``; targets are int64 class ids in ``[0, C)``.
+
+    :math:`\log p(c \mid x) = z_c - \operatorname{logsumexp}(z)`. Logits of ``-inf`` (masked
+    classes) have probability 0: they are never sampled and add nothing to the exact Fisher.
+    The output-space Fisher is :math:`\operatorname{diag}(p) - pp^\top
+    = \sum_c v_c v_c^\top` with :math:`v_c = \sqrt{p_c}\,(e_c - p)`; one :math:`v_c` is
+    yielded per class that has nonzero probability for some sample in the batch.
+    """
+
+    def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-sample :math:`\\log p(y_i \\mid x_i)`, shape ``[N]``."""
+        _check_logits(output)
+        n_classes = output.shape[1]
+        if target.dtype.is_floating_point or target.dtype == torch.bool or target.ndim != 1:
+            raise FisherError(
+                f"categorical targets must be int64 class ids of shape [N]; got dtype "
+                f"{target.dtype} and shape {list(target.shape)}. Pass labels, not one-hot or "
+                "float targets (or use likelihood='gaussian' for regression)."
+            )
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= n_classes):
+            raise FisherError(
+                f"categorical targets must lie in [0, {n_classes}) for n_classes={n_classes}; "
+                f"got min={int(target.min())}, max={int(target.max())}. Remap the labels to the "
+                "model's output units or widen the output layer."
+            )
+        log_p = torch.log_softmax(output, dim=1)
+        return log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
+
+    def sample(self, output: Tensor, generator: torch.Generator) -> Tensor:
+        """One class id per sample, drawn from ``softmax(output)`` with ``generator``."""
+        _check_logits(output)
+        probs = torch.softmax(output.detach(), dim=1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
+        """Yield :math:`\\sqrt{p_c}(e_c - p)` for every class with some nonzero probability."""
+        _check_logits(output)
+        probs = torch.softmax(output.detach(), dim=1)
+        for c in torch.nonzero(probs.amax(dim=0) > 0).flatten().tolist():
+            v = -probs
+            v[:, c] += 1.0
+            yield v * probs[:, c : c + 1].sqrt()
+
+
+class GaussianLikelihood:
+    r"""Gaussian :math:`y \sim \mathcal{N}(f(x), \sigma^2 I)`; targets are floats shaped like
+    the output.
+
+    :math:`\log p(y \mid x) = -\sum_k \left[\tfrac{(y_k - f_k)^2}{2\sigma^2} + \log\sigma
+    + \tfrac12\log 2\pi\right]`, summed over all non-batch output entries. The Fisher is
+    :math:`J^\top J / \sigma^2`; its output-space factors are :math:`e_k / \sigma`, one per output
+    entry (so the exact kind costs one backward pass per output dimension).
+
+    Args:
+        sigma: the noise standard deviation, in the units of the targets (default 1).
+    """
+
+    def __init__(self, sigma: float = 1.0) -> None:
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            raise FisherError(
+                f"GaussianLikelihood needs a finite sigma > 0; got sigma={sigma!r}. Pass the "
+                "noise standard deviation of the targets, e.g. GaussianLikelihood(1.0)."
+            )
+        self.sigma = float(sigma)
+
+    def __repr__(self) -> str:
+        return f"GaussianLikelihood(sigma={self.sigma})"
+
+    def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-sample Gaussian log density, shape ``[N]``."""
+        if target.shape != output.shape:
+            raise FisherError(
+                f"gaussian targets must have the output's shape {list(output.shape)}; got "
+                f"{list(target.shape)}. Reshape the targets (e.g. y.unsqueeze(1) for one output)."
+            )
+        z = (target.to(output.dtype) - output) / self.sigma
+        const = math.log(self.sigma) + 0.5 * math.log(2 * math.pi)
+        return -(0.5 * z.square() + const).flatten(1).sum(1)
+
+    def sample(self, output: Tensor, generator: torch.Generator) -> Tensor:
+        """``output + sigma * eps`` with standard normal ``eps`` drawn from ``generator``."""
+        eps = torch.randn(
+            output.shape, generator=generator, dtype=output.dtype, device=output.device
+        )
+        return output.detach() + self.sigma * eps
+
+    def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
+        """Yield :math:`e_k / \\sigma` for every output entry ``k``."""
+        flat = output.detach().flatten(1)
+        for k in range(flat.shape[1]):
+            v = torch.zeros_like(flat)
+            v[:, k] = 1.0 / self.sigma
+            yield v.view_as(output)
+
+
+LIKELIHOODS = {"categorical": CategoricalLikelihood, "gaussian": GaussianLikelihood}
+
+_NEEDS = {
+    "exact": "exact_output_grads",
+    "sampled": "sample",
+    "empirical": "log_prob",
+    "batched": "log_prob",
+}
+
+
+def resolve_likelihood(likelihood: str | Likelihood, kind: str) -> Likelihood:
+    """Turn ``"categorical"`` / ``"gaussian"`` / a user object into a :class:`Likelihood`.
+
+    Raises :class:`FisherError` for an unknown name or an object without the method ``kind``
+    needs.
+    """
+    if isinstance(likelihood, str):
+        if likelihood not in LIKELIHOODS:
+            raise FisherError(
+                f"likelihood={likelihood!r} is not one of {sorted(LIKELIHOODS)}; pass one of "
+                "those names or an object with log_prob / sample / exact_output_grads."
+            )
+        return LIKELIHOODS[likelihood]()
+    method = _NEEDS[kind]
+    if not callable(getattr(likelihood, method, None)):
+        raise FisherError(
+            f"likelihood={likelihood!r} has no method {method}(), which kind={kind!r} needs; "
+            "implement it (see ewc.fisher.Likelihood) or pass 'categorical' / 'gaussian'."
+        )
+    return likelihood
+
+
+class SeededGenerator:
+    """A ``torch.Generator`` seeded with ``seed``, created on the device of its first use."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def on(self, device: torch.device) -> torch.Generator:
+        """The generator (created and seeded on ``device`` at the first call)."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+
+def checked_log_prob(likelihood: Likelihood, output: Tensor, target: Any) -> Tensor:
+    """``likelihood.log_prob(output, target)``, checked to be finite and of shape ``[N]``."""
+    log_p = likelihood.log_prob(output, target)
+    n = output.shape[0]
+    if tuple(log_p.shape) != (n,):
+        raise FisherError(
+            f"{likelihood!r}.log_prob returned shape {list(log_p.shape)}; it must return one "
+            f"log-likelihood per sample, shape [{n}]. Sum over the non-batch dimensions."
+        )
+    finite = torch.isfinite(log_p)
+    if not bool(finite.all()):
+        raise FisherError(
+            f"log p(y|x) is -inf or NaN for {int((~finite).sum())} of {n} samples: a target "
+            "has zero probability (e.g. its logit is masked to -inf) or the outputs are "
+            "NaN/Inf. Check the targets against the output mask and the inputs for NaN/Inf."
+        )
+    return log_p
+
+
+def output_grads(
+    likelihood: Likelihood, kind: str, output: Tensor, target: Any, rng: SeededGenerator
+) -> Iterator[Tensor]:
+    r"""The output-gradients to backpropagate for ``kind`` (one per backward pass).
+
+    ``"empirical"`` / ``"sampled"``: :math:`\nabla_f \sum_i \log p(y_i \mid f_i)` with the
+    true / a sampled target (one pass); ``"exact"``: ``likelihood.exact_output_grads``.
+    """
+    out = output.detach()
+    if kind == "exact":
+        return iter(likelihood.exact_output_grads(out))
+    y = likelihood.sample(out, rng.on(out.device)) if kind == "sampled" else target
+    with torch.enable_grad():
+        out.requires_grad_(True)
+        (grad,) = torch.autograd.grad(checked_log_prob(likelihood, out, y).sum(), out)
+    return iter([grad])
+
+
+def _check_logits(output: Tensor) -> None:
+    if output.ndim != 2 or not output.dtype.is_floating_point:
+        raise FisherError(
+            f"the categorical likelihood needs float logits of shape [N, C]; got dtype "
+            f"{output.dtype} and shape {list(output.shape)}. Flatten extra dimensions in "
+            "forward= or pass a likelihood object for structured outputs."
+        )

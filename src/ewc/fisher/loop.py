@@ -1,0 +1,46 @@
+"""``method="loop"``: the plain per-sample reference (one forward and backward per sample).
+
+Slow and obviously right: each sample is cut from the batch, fed through ``forward`` alone, and
+its parameter gradients come from ``torch.autograd.grad`` of :math:`\\log p(y \\mid x)` itself
+(``"empirical"``, ``"sampled"``) or of the output against each of
+``likelihood.exact_output_grads`` (``"exact"``). Sampled targets are drawn once per batch from
+the batch's outputs, exactly as the fast methods draw them, so all methods agree for a seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .batching import batch_size, call_forward, take
+from .likelihoods import checked_log_prob
+from .request import Request
+
+
+def loop_batch(request: Request, batch: Any) -> tuple[dict[str, Tensor], int]:
+    """Sums of squared per-sample gradients over one batch, and its number of samples."""
+    model, forward, likelihood = request.model, request.forward, request.likelihood
+    params = list(request.params.values())
+    n = batch_size(batch)
+    sampled = None
+    if request.kind == "sampled":
+        with torch.no_grad():
+            output = call_forward(forward, model, batch)[0]
+        sampled = likelihood.sample(output, request.rng.on(output.device))
+    sums = [torch.zeros_like(p) for p in params]
+    for i in range(n):
+        output, target, _ = call_forward(forward, model, take(batch, n, slice(i, i + 1)))
+        roots: list[tuple[Tensor, Tensor | None]]
+        if request.kind == "exact":
+            roots = [(output, v) for v in likelihood.exact_output_grads(output.detach())]
+        else:
+            y = target if sampled is None else sampled[i : i + 1]
+            roots = [(checked_log_prob(likelihood, output, y).sum(), None)]
+        for root, v in roots:
+            grads = torch.autograd.grad(root, params, v, retain_graph=True, allow_unused=True)
+            for s, g in zip(sums, grads, strict=True):
+                if g is not None:
+                    s.addcmul_(g, g)
+    return dict(zip(request.params, sums, strict=True)), n

@@ -1,0 +1,62 @@
+r"""Sums of squared per-sample gradients with ``torch.func`` (any module, batch-first input).
+
+For a module :math:`m` with parameters :math:`\theta`, inputs :math:`a_i` and output-gradients
+:math:`v_{k,i}` (one per backward direction :math:`k`), this computes
+:math:`\sum_i \sum_k (J_\theta m(a_i)^\top v_{k,i})^2` by a ``vmap`` over samples of a
+``vjp`` of ``functional_call(m, θ, a_i)``, in chunks of samples. It is the generic fallback of
+the hook method (one module) and the whole ``method="func"`` (the whole model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_map
+
+from ._util import accumulate, sample_chunks
+from .batching import SampleSplit
+
+
+def per_sample_sq_grads(
+    module: nn.Module,
+    params: dict[str, Tensor],
+    inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    grad_outputs: list[Any],
+    n: int,
+) -> dict[str, Tensor]:
+    """:math:`\\sum_i \\sum_k g_{k,i}^2` for ``params`` (names as in ``module``).
+
+    Args:
+        module: called as ``module(*args, **kwargs)`` on a batch of one sample.
+        params: the parameters to differentiate (others and buffers are taken from ``module``).
+        inputs: ``(args, kwargs)`` of the batched call; per-sample tensors have ``n`` rows.
+        grad_outputs: one pytree per backward direction, shaped like ``module``'s output,
+            each tensor with ``n`` rows (the gradient of the summed objective at the output).
+        n: samples in the batch.
+    """
+    split = SampleSplit(inputs, n)
+    primals = {name: p.detach() for name, p in params.items()}
+
+    def one_sample(rows: list[Tensor], vs: list[Any]) -> dict[str, Tensor]:
+        args, kwargs = split.rebuild(rows)
+        pullback = vjp(lambda p: functional_call(module, p, args, kwargs), primals)[1]
+        total: dict[str, Tensor] = {}
+        for v in vs:
+            (grads,) = pullback(tree_map(lambda t: t.unsqueeze(0), v))
+            accumulate(total, {name: g.square() for name, g in grads.items()})
+        return total
+
+    n_params = sum(p.numel() * p.element_size() for p in primals.values())
+    n_inputs = sum(t[0].numel() * t.element_size() for t in split.per_sample)
+    sums = {name: torch.zeros_like(p) for name, p in primals.items()}
+    for rows in sample_chunks(n, 3 * n_params + 8 * n_inputs):
+        chunk = vmap(one_sample)(
+            [t[rows] for t in split.per_sample],
+            [tree_map(lambda t, r=rows: t[r], v) for v in grad_outputs],
+        )
+        for name, s in chunk.items():
+            sums[name] += s.sum(0)
+    return sums

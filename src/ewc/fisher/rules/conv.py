@@ -1,0 +1,77 @@
+r"""``nn.Conv1d`` / ``nn.Conv2d`` (any padding mode, stride, dilation, groups).
+
+With the padded input :math:`x_i` and the output-gradient :math:`\delta_i` (``[C_out, L]``, ``L``
+output positions), the per-sample weight gradient at kernel offset :math:`(u, v)` is
+:math:`\delta_i X_{i,uv}^\top`, where :math:`X_{i,uv}` (``[C_in, L]``) is the input seen through
+that offset (a strided slice; no ``unfold``, which is slow on CPU). One batched matmul per offset
+and chunk of samples, squared and summed over samples; per group when ``groups > 1``. The bias
+gradient is :math:`\sum_L \delta_i`. Conv1d runs as a Conv2d of height 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .._util import sample_chunks
+from . import layer_input, register_rule, sum_of_squares, trainable
+
+CHUNK_BYTES = 2 * 2**20
+"""Per-offset intermediates per chunk of samples: small enough to stay in cache."""
+
+
+def _padded_2d(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """The input, padded as the layer pads it, as ``[N, C_in, H, W]``."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    return x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+
+
+@register_rule(nn.Conv1d, nn.Conv2d)
+def conv_rule(
+    module: nn.Conv1d | nn.Conv2d,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grad_outputs: list[Tensor],
+) -> dict[str, Tensor]:
+    """Sum of squared per-sample gradients of ``weight`` and ``bias``."""
+    out: dict[str, Tensor] = {}
+    deltas = [d.flatten(2) for d in grad_outputs]  # [N, C_out, L]
+    if trainable(module, "bias"):
+        out["bias"] = sum_of_squares([d.sum(2) for d in deltas]).sum(0)
+    if not trainable(module, "weight"):
+        return out
+    one_d = isinstance(module, nn.Conv1d)
+
+    def as_2d(v: tuple[int, ...]) -> tuple[int, ...]:
+        return (1, *v) if one_d else v
+
+    kernel, stride, dilation = (
+        as_2d(v) for v in (module.kernel_size, module.stride, module.dilation)
+    )
+    height, width = as_2d(tuple(grad_outputs[0].shape[2:]))
+    x = _padded_2d(module, layer_input(args, kwargs))
+    n, c_in = x.shape[:2]
+    groups, c_out = module.groups, module.out_channels
+    total = x.new_zeros(groups, c_out // groups, c_in // groups, kernel[0] * kernel[1])
+    per_sample = (c_in * height * width + c_out * c_in // groups) * x.element_size()
+    for rows in sample_chunks(n, per_sample, CHUNK_BYTES):
+        ds = [d[rows].unflatten(1, (groups, -1)).flatten(0, 1) for d in deltas]
+        for u in range(kernel[0]):
+            for v in range(kernel[1]):
+                top, left = u * dilation[0], v * dilation[1]
+                window = x[
+                    rows,
+                    :,
+                    top : top + (height - 1) * stride[0] + 1 : stride[0],
+                    left : left + (width - 1) * stride[1] + 1 : stride[1],
+                ]
+                seen = window.reshape(-1, c_in // groups, height * width).transpose(1, 2)
+                for d in ds:
+                    g = torch.bmm(d, seen).unflatten(0, (-1, groups))
+                    total[..., u * kernel[1] + v] += g.square().sum(0)
+    out["weight"] = total.reshape(module.weight.shape)
+    return out
