@@ -63,7 +63,7 @@ def test_toml_config_and_command_line_wins(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["run", "--benchmark", "nope", "--out", "x.json"], "unknown benchmark 'nope'"),
+        (["run", "--benchmark", "nope", "--out", "x.json"], "Unknown benchmark 'nope'"),
         (["run", *FAST, "--strategy", "ewx", "--out", "x.json"], "unknown strategy 'ewx'"),
         (["run", *FAST, "--scenario", "cls", "--out", "x.json"], "cls"),
         (["run", *FAST, "--out", "x.txt"], "--out must name a .json file"),

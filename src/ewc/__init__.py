@@ -1,4 +1,15 @@
-"""ewc: Elastic Weight Consolidation and continual-learning baselines for PyTorch."""
+"""ewc: Elastic Weight Consolidation and continual-learning baselines for PyTorch.
+
+The small public API::
+
+    import ewc
+    F = ewc.fisher_diagonal(model, batches, kind="exact")   # {param name: tensor like the param}
+    reg = ewc.EWC(model, lam=1e4)                            # also OnlineEWC, SI, MAS, L2
+    loss = task_loss + reg.penalty()                         # while training a task
+    reg.consolidate(batches)                                 # after it
+
+    result = ewc.run(ewc.RunConfig(benchmark="split-mnist", strategy="ewc"))
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -6,3 +17,36 @@ try:
     __version__ = version("ewc")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
+
+from ewc.data import load_dataset, make_stream, stream_from_tensors
+from ewc.fisher import fisher_diagonal
+from ewc.metrics import compute_metrics, summarize
+from ewc.models import MLP, SimpleCNN
+from ewc.regularizers import EWC, L2, MAS, SI, OnlineEWC, Regularizer, make_regularizer
+from ewc.results import load_results, save_results
+from ewc.training import RunConfig, compare, run, sweep
+
+__all__ = [
+    "EWC",
+    "L2",
+    "MAS",
+    "MLP",
+    "SI",
+    "OnlineEWC",
+    "Regularizer",
+    "RunConfig",
+    "SimpleCNN",
+    "__version__",
+    "compare",
+    "compute_metrics",
+    "fisher_diagonal",
+    "load_dataset",
+    "load_results",
+    "make_regularizer",
+    "make_stream",
+    "run",
+    "save_results",
+    "stream_from_tensors",
+    "summarize",
+    "sweep",
+]

@@ -55,7 +55,7 @@ _RUN_OPTIONS: dict[str, tuple[str, type, str]] = {
     "--device": ("device", str, "cpu | cuda"),
     "--eval-every": ("eval_every", int, "optimizer steps between curve points"),
     "--max-train-samples": ("max_train_samples", int, "cap on training samples per task"),
-    "--penalty": ("penalty", str, "grad (closed-form, fast) | autograd"),
+    "--penalty": ("penalty", str, "grad (closed-form, fast) | autograd | proximal (stable)"),
 }
 
 
@@ -159,24 +159,11 @@ def _numbers(text: str, typ: type, flag: str) -> list[Any]:
     return values
 
 
-def _pct(mean: float | None, std: float | None = None) -> str:
-    if mean is None:
-        return "-"
-    return f"{100 * mean:6.2f}" + (f" ± {100 * std:5.2f}" if std is not None else "")
-
-
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of metrics (in %) per strategy: mean ± std over seeds."""
-    from ewc.metrics import METRICS, summarize
+    from ewc.report import markdown_table, metrics_table
 
-    lines = [
-        "| strategy | seeds | ACC (%) | BWT (%) | FWT (%) | forgetting (%) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in summarize(results):
-        cells = [_pct(row[m]["mean"], row[m]["std"]) for m in METRICS]
-        lines.append(f"| {row['strategy']} | {row['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(metrics_table(results))
 
 
 def _finish(results: list[dict[str, Any]], out_dir: Path, args: argparse.Namespace,
@@ -222,7 +209,8 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction, progress=not args.quiet,
     )
     for p in summary["points"]:
-        print(f"{args.param}={p['value']:g}: validation ACC {_pct(p['val_acc'])} %")
+        outcome = p["error"] if "error" in p else f"validation ACC {100 * p['val_acc']:.2f} %"
+        print(f"{args.param}={p['value']:g}: {outcome}")
     print(f"chosen {args.param} = {summary['chosen']:g} (highest validation ACC)")
     _finish([load_results(summary["final"])], args.out, args, sweep_summary=summary)
 

@@ -20,19 +20,34 @@ SWEEP_SCHEMA = "ewc.sweep/1"
 SUMMARY_FIELDS = ("strategy", "seed", "benchmark", "scenario", "acc", "bwt", "fwt", "forgetting")
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary sibling file and an atomic rename."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary sibling file and an atomic rename.
+
+    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_results(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -68,9 +83,7 @@ def summary_rows(results: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_summary_csv(
-    results: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]
-) -> Path:
+def write_summary_csv(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write :func:`summary_rows` as CSV, atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")

@@ -1,0 +1,343 @@
+"""Figures from results dicts (schema ``ewc.results/1``) and sweeps (``ewc.sweep/1``).
+
+Every plot is a pure function of the JSON data (as loaded by :func:`ewc.results.load_results`):
+no training and no torch. Figures are built on :class:`matplotlib.figure.Figure` directly, not
+through ``pyplot``, so they hold no global state, need no display and are freed like any other
+object; :func:`save_figure` renders them with the Agg (PNG) and SVG backends.
+
+Colours come from the Okabe–Ito palette, which stays distinguishable under the common forms of
+colour blindness. Accuracies are fractions in the files and percentages on the axes.
+
+The per-task final accuracies, mean ± std over seeds (:func:`final_accuracy_by_strategy`),
+live here too, so the bars and the report's table agree on one computation.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ewc.results import atomic_write_bytes
+
+Results = Mapping[str, Any]
+
+#: Okabe & Ito (2008), "Color Universal Design"; yellow last, it is faint on white.
+PALETTE = (
+    "#0072B2",  # blue
+    "#E69F00",  # orange
+    "#009E73",  # bluish green
+    "#D55E00",  # vermillion
+    "#CC79A7",  # reddish purple
+    "#56B4E9",  # sky blue
+    "#000000",  # black
+    "#F0E442",  # yellow
+)
+STEPS_LABEL = "optimizer steps"
+ACCURACY_LABEL = "test accuracy (%)"
+
+
+def color(i: int) -> str:
+    """The ``i``-th palette colour, cycling."""
+    return PALETTE[i % len(PALETTE)]
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def format_percent(mean: float | None, std: float | None = None, digits: int = 2) -> str:
+    """A fraction in %: ``"97.12 ± 0.30"``, ``"97.12"`` without std, ``"n/a"`` without mean."""
+    if mean is None:
+        return "n/a"
+    text = f"{100 * mean:.{digits}f}"
+    return text if std is None else f"{text} ± {100 * std:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class MeanStd:
+    """Mean and sample standard deviation (ddof=1) of ``n`` values; ``std`` is None for one."""
+
+    mean: float
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> MeanStd:
+        """Summarise a non-empty sequence of numbers."""
+        v = np.asarray(values, dtype=np.float64)
+        return cls(float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None, int(v.size))
+
+    def percent(self, digits: int = 2) -> str:
+        """Formatted as by :func:`format_percent`."""
+        return format_percent(self.mean, self.std, digits)
+
+
+def group_by_strategy(results: Sequence[Results]) -> dict[str, list[Results]]:
+    """Runs grouped by ``strategy`` in order of first appearance, each group sorted by seed."""
+    groups: dict[str, list[Results]] = {}
+    for r in results:
+        groups.setdefault(str(r["strategy"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r.get("seed", 0)) for k, v in groups.items()}
+
+
+def final_accuracy_by_strategy(results: Sequence[Results]) -> dict[str, list[MeanStd]]:
+    """Per strategy, each task's accuracy after the last task (the last row of ``R``) and, as
+    the last entry, their average: mean ± std over the strategy's runs (seeds).
+
+    The metrics themselves (ACC, BWT, ...) are summarised by :func:`ewc.metrics.summarize`.
+    """
+    summary = {}
+    for strategy, runs in group_by_strategy(_same_tasks(results)).items():
+        last = np.asarray([r["accuracy_matrix"][-1] for r in runs], dtype=np.float64)
+        columns = np.column_stack([last, last.mean(axis=1)]).T
+        summary[strategy] = [MeanStd.of(column) for column in columns]
+    return summary
+
+
+def _as_list(results: Results | Sequence[Results]) -> list[Results]:
+    return [results] if isinstance(results, Mapping) else list(results)
+
+
+def _same_tasks(runs: Sequence[Results]) -> Sequence[Results]:
+    """``runs`` unchanged, after checking that they all share one task sequence."""
+    names = {tuple(r["task_names"]) for r in runs}
+    if len(names) != 1:
+        raise ValueError(f"these results use different task sequences: {sorted(names)}")
+    return runs
+
+
+def _pct(values: Any) -> np.ndarray:
+    return 100 * np.asarray(values, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_accuracy_curves(results: Results | Sequence[Results]) -> Figure:
+    """Each task's test accuracy over the whole sequence: the classic forgetting figure.
+
+    One panel per strategy (sharing the y axis), drawn from that strategy's lowest seed; task
+    spans are shaded and named, task boundaries drawn as dashed lines.
+    """
+    runs = [group[0] for group in group_by_strategy(_as_list(results)).values()]
+    missing = [r["strategy"] for r in runs if not r.get("curves")]
+    if missing:
+        raise ValueError(f"no accuracy curves recorded for {missing}")
+    fig = Figure(figsize=(4.8 * len(runs) + 1.8, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
+    for ax, run in zip(axes, runs, strict=True):
+        _draw_curves(ax, run)
+    axes[0].set_ylabel(ACCURACY_LABEL)
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="evaluated on")
+    fig.suptitle(f"Accuracy on every task during training — {runs[0]['benchmark']}")
+    return fig
+
+
+def _draw_curves(ax: Axes, run: Results) -> None:
+    curves, names = run["curves"], run["task_names"]
+    steps = np.asarray(curves["step"])
+    spans = [*curves["task_boundaries"], steps[-1]]
+    for t, (start, end) in enumerate(pairwise(spans)):
+        ax.axvspan(start, end, color=color(t), alpha=0.08, lw=0)
+        ax.text(
+            (start + end) / 2,
+            1.01,
+            f"train {names[t]}",
+            ha="center",
+            va="bottom",
+            fontsize="small",
+            transform=ax.get_xaxis_transform(),
+        )
+        if t:
+            ax.axvline(start, color="0.35", ls="--", lw=0.8)
+    accuracy = _pct(curves["accuracy"])
+    for t, name in enumerate(names):
+        ax.plot(steps, accuracy[:, t], color=color(t), lw=1.6, label=name)
+    ax.set(xlim=(steps[0], steps[-1]), ylim=(0, 101), xlabel=STEPS_LABEL)
+    ax.set_title(f"{run['strategy']} (seed {run.get('seed', 0)})", pad=16)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_accuracy_matrix(results: Results | Sequence[Results]) -> Figure:
+    """Heatmap of ``R[i][j]`` in %; several runs of one strategy are averaged."""
+    runs = _same_tasks(_as_list(results))
+    strategies = {r["strategy"] for r in runs}
+    if len(strategies) != 1:
+        raise ValueError(f"average runs of one strategy at a time, got {sorted(strategies)}")
+    matrix = _pct([r["accuracy_matrix"] for r in runs]).mean(axis=0)
+    names = runs[0]["task_names"]
+    n = len(names)
+    fig = Figure(figsize=(1.0 * n + 3.2, 0.8 * n + 2.2), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=100)
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(
+            j,
+            i,
+            f"{value:.1f}",
+            ha="center",
+            va="center",
+            fontsize="small",
+            color="black" if value > 60 else "white",
+        )
+    ax.set_xticks(range(n), names, rotation=30, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set(xlabel="evaluated on task j", ylabel="after training task i")
+    fig.colorbar(image, ax=ax, label=ACCURACY_LABEL)
+    seeds = f" (mean of {len(runs)} seeds)" if len(runs) > 1 else ""
+    ax.set_title(f"{runs[0]['strategy']}: accuracy matrix{seeds}")
+    return fig
+
+
+def plot_final_accuracy(results: Sequence[Results]) -> Figure:
+    """Grouped bars: each task's accuracy after the whole sequence, per strategy, plus the average.
+
+    Bars are means over a strategy's seeds, error bars the standard deviation.
+    """
+    runs = list(results)
+    summary = final_accuracy_by_strategy(runs)
+    groups = [*runs[0]["task_names"], "average"]
+    x = np.arange(len(groups))
+    width = 0.8 / len(summary)
+    fig = Figure(
+        figsize=(1.1 * len(groups) * max(1, len(summary) / 2) + 2.5, 3.8), layout="constrained"
+    )
+    ax = fig.add_subplot()
+    for k, (strategy, stats) in enumerate(summary.items()):
+        n = stats[0].n
+        bars = ax.bar(
+            x + (k - (len(summary) - 1) / 2) * width,
+            [100 * s.mean for s in stats],
+            width,
+            yerr=[100 * (s.std or 0.0) for s in stats] if n > 1 else None,
+            capsize=3,
+            color=color(k),
+            label=f"{strategy} (n={n})",
+        )
+        ax.bar_label(bars, fmt="%.0f", fontsize="x-small", padding=2)
+    ax.set_xticks(x, groups)
+    ax.set(ylim=(0, 110), xlabel="task", ylabel=f"final {ACCURACY_LABEL}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="strategy")
+    ax.set_title(f"Accuracy after the last task — {runs[0]['benchmark']}")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_lambda_tradeoff(sweep: Mapping[str, Any]) -> Figure:
+    """Old-task, new-task and average validation accuracy as the swept value varies (grid points
+    whose run failed, marked ``error``, are left out)."""
+    points = sorted((p for p in sweep["points"] if "error" not in p), key=lambda p: p["value"])
+    values = np.asarray([p["value"] for p in points], dtype=np.float64)
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    series = (
+        ("val_old_acc", "old tasks", "-", color(0)),
+        ("val_new_acc", "new task", "-", color(1)),
+        ("val_acc", "average", "--", color(6)),
+    )
+    for key, label, style, line_color in series:
+        if all(key in p for p in points):
+            accuracy = _pct([p[key] for p in points])
+            ax.plot(values, accuracy, style, marker="o", color=line_color, label=label)
+    chosen = sweep.get("chosen")
+    if chosen is not None:
+        ax.axvline(chosen, color=color(3), ls=":", lw=1.5, label=f"chosen: {chosen:g}")
+    positive = values[values > 0]
+    if values.min() > 0:
+        ax.set_xscale("log")
+    elif positive.size:  # a zero in the grid: linear around it, logarithmic beyond
+        ax.set_xscale("symlog", linthresh=float(positive.min()))
+    symbol = "λ" if sweep.get("param") == "lam" else str(sweep.get("param"))
+    ax.set(xlabel=f"{symbol} (log scale)", ylabel="validation accuracy (%)", ylim=(0, 101))
+    ax.legend(loc="lower left")
+    ax.set_title(f"{sweep.get('strategy', '')}: old vs new tasks across the {symbol} grid")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_importance(results: Results) -> Figure:
+    """Where the importance lies: per-layer Fisher histograms and the per-pixel input importance.
+
+    One row per consolidated task. Left: the distribution of each layer's importance values on a
+    log scale, as the fraction of the layer's parameters per bin. Right (when recorded): the
+    importance of each input pixel as an image.
+    """
+    entries = results.get("importance") or []
+    if not entries:
+        raise ValueError(f"no importance recorded for strategy {results.get('strategy')!r}")
+    with_image = any("input_importance" in e for e in entries)
+    fig = Figure(figsize=(9.0 if with_image else 6.0, 3.2 * len(entries)), layout="constrained")
+    axes = fig.subplots(
+        len(entries),
+        2 if with_image else 1,
+        squeeze=False,
+        width_ratios=[1.6, 1] if with_image else None,
+    )
+    names = results["task_names"]
+    for row, entry in zip(axes, entries, strict=True):
+        task = f"after task {entry['task'] + 1} ({names[entry['task']]})"
+        _draw_histograms(row[0], entry["layers"], task)
+        if "input_importance" in entry:
+            _draw_input_importance(fig, row[1], entry["input_importance"], task)
+        elif with_image:
+            row[1].set_axis_off()
+    fig.suptitle(f"{results['strategy']}: parameter importance (diagonal Fisher)")
+    return fig
+
+
+def _draw_histograms(ax: Axes, layers: Mapping[str, Any], task: str) -> None:
+    """One step line per layer; parameters of zero importance (``zeros``) count in the total
+    and are named in the legend, since a log axis cannot show them."""
+    for k, (name, hist) in enumerate(layers.items()):
+        counts = np.asarray(hist["counts"], dtype=np.float64)
+        edges = 10.0 ** np.asarray(hist["log10_edges"], dtype=np.float64)
+        zeros = hist.get("zeros", 0)
+        total = max(counts.sum() + zeros, 1.0)
+        label = f"{name} ({zeros / total:.0%} zero)" if zeros else name
+        ax.stairs(counts / total, edges, color=color(k), lw=1.5, label=label)
+    ax.set_xscale("log")
+    ax.set(xlabel="importance F (log scale)", ylabel="fraction of the layer's parameters")
+    ax.set_title(task, fontsize="medium")
+    ax.legend(fontsize="small", title="layer", title_fontsize="small")
+    ax.grid(alpha=0.3)
+
+
+def _draw_input_importance(fig: Figure, ax: Axes, image: Mapping[str, Any], task: str) -> None:
+    values = np.asarray(image["values"], dtype=np.float64).reshape(image["shape"]).squeeze()
+    if values.ndim != 2:
+        raise ValueError(f"input importance must be a 2-d image, got shape {image['shape']}")
+    shown = ax.imshow(values, cmap="viridis")
+    ax.set(xticks=[], yticks=[])
+    ax.set_title(f"input pixels, {task}", fontsize="medium")
+    fig.colorbar(shown, ax=ax, label="summed importance")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = 150) -> bytes:
+    """Render ``fig`` to PNG or SVG bytes; an SVG gets no date and stable ids (reproducible)."""
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.hashsalt": "ewc"}):
+        fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> list[Path]:
+    """Write ``fig`` as ``<path>.png`` and ``<path>.svg``, each atomically; return both paths."""
+    base = Path(path)
+    written = []
+    for fmt in ("png", "svg"):
+        target = base.parent / f"{base.name}.{fmt}"
+        atomic_write_bytes(target, figure_bytes(fig, fmt, dpi))
+        written.append(target)
+    return written

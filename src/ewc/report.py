@@ -1,0 +1,336 @@
+"""A self-contained HTML report, and a Markdown summary next to it, from results files.
+
+The HTML file makes no request of its own: figures are embedded as base64 PNG, styles and the
+one script are inline, and a Content-Security-Policy forbids anything else (``img-src data:``,
+style and script allowed by hash only). The script only checks, on load, that every figure
+decoded and that no error occurred, and writes the outcome into ``<body data-figures-ok
+data-errors>`` so a headless browser can verify the page (see ``tests/test_report.py``).
+
+All text taken from results files is escaped. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from ewc import __version__
+from ewc.metrics import METRICS, summarize
+from ewc.plots import (
+    figure_bytes,
+    final_accuracy_by_strategy,
+    format_percent,
+    group_by_strategy,
+    plot_accuracy_curves,
+    plot_accuracy_matrix,
+    plot_final_accuracy,
+    plot_importance,
+    plot_lambda_tradeoff,
+)
+from ewc.results import RESULTS_SCHEMA, SWEEP_SCHEMA, atomic_write_text, load_results
+
+Results = Mapping[str, Any]
+Source = str | os.PathLike[str] | Mapping[str, Any]
+Table = tuple[list[str], list[list[str]]]
+
+DEFAULT_TITLE = "Continual learning report"
+METRIC_NAMES = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting"}
+TIMINGS = {
+    "train_s": "train (s)",
+    "fisher_s": "Fisher (s)",
+    "eval_s": "eval (s)",
+    "total_s": "total (s)",
+}
+METRICS_NOTE = (
+    "Mean ± sample standard deviation over seeds, in %. ACC: average accuracy after the last "
+    "task; BWT: backward transfer (negative means forgetting); FWT: forward transfer over a "
+    "random initial model; Forgetting: mean drop from each task's best accuracy to its final one."
+)
+FIGURE_DPI = 120
+CSS_PX_PER_INCH = 96
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
+       max-width: 72rem; padding: 0 1rem; color: #1a1a1a; line-height: 1.45; }
+h1, h2 { line-height: 1.2; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 1rem 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f2f2f2; }
+figure { margin: 1.5rem 0; } figure img { max-width: 100%; height: auto; }
+figcaption { color: #444; font-size: 0.95rem; }
+.figures { display: flex; flex-wrap: wrap; gap: 0 2rem; }
+pre { background: #f6f6f6; padding: 0.8rem; overflow-x: auto; }
+.note { color: #444; font-size: 0.95rem; }
+"""
+
+_CHECK_SCRIPT = """
+(() => {
+  const errors = [];
+  const show = () => {
+    if (document.body) document.body.dataset.errors = JSON.stringify(errors);
+  };
+  const record = (message) => { errors.push(String(message)); show(); };
+  addEventListener("error", (e) => record(e.message || "failed to load a " + e.target.tagName),
+                   true);
+  document.addEventListener("securitypolicyviolation",
+                            (e) => record("blocked by the content policy: " + e.blockedURI));
+  addEventListener("load", () => {
+    const images = Array.from(document.images);
+    const ok = images.filter((img) => img.complete && img.naturalWidth > 0).length;
+    document.body.dataset.figuresOk = ok + "/" + images.length;
+    show();
+  });
+})();
+"""
+
+
+def write_report(
+    results: Sequence[Source],
+    out_html: str | os.PathLike[str],
+    sweep: Source | None = None,
+    title: str = DEFAULT_TITLE,
+) -> tuple[Path, Path]:
+    """Write ``out_html`` and its Markdown summary (same stem, ``.md``); return both paths.
+
+    ``results`` are results files or dicts (schema ``ewc.results/1``), typically one per strategy
+    and seed of one benchmark; ``sweep`` an optional ``ewc.sweep/1`` file or dict.
+    """
+    runs = [_load(r, RESULTS_SCHEMA) for r in results]
+    if not runs:
+        raise ValueError("write_report needs at least one results file")
+    sweep_data = None if sweep is None else _load(sweep, SWEEP_SCHEMA)
+    out = Path(out_html)
+    html_path = atomic_write_text(out, render_html(runs, sweep_data, title))
+    md_path = atomic_write_text(out.with_suffix(".md"), render_markdown(runs, sweep_data, title))
+    return html_path, md_path
+
+
+def _load(source: Source, schema: str) -> Mapping[str, Any]:
+    data = source if isinstance(source, Mapping) else load_results(source)
+    if data.get("schema") != schema:
+        raise ValueError(f"expected a {schema!r} document, got schema {data.get('schema')!r}")
+    return data
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def metrics_table(runs: Sequence[Results]) -> Table:
+    """Header and rows: per strategy, the number of runs and each metric as mean ± std in %."""
+    header = ["Strategy", "Runs", *(f"{METRIC_NAMES[m]} (%)" for m in METRICS)]
+    rows = [
+        [
+            row["strategy"],
+            str(row["n"]),
+            *(format_percent(row[m]["mean"], row[m]["std"]) for m in METRICS),
+        ]
+        for row in summarize(runs)
+    ]
+    return header, rows
+
+
+def final_accuracy_table(runs: Sequence[Results]) -> Table:
+    """Header and rows: per strategy, each task's final accuracy and their average, in %."""
+    header = ["Strategy", *runs[0]["task_names"], "average"]
+    rows = [
+        [strategy, *(s.percent() for s in stats)]
+        for strategy, stats in final_accuracy_by_strategy(runs).items()
+    ]
+    return header, rows
+
+
+def sweep_table(sweep: Mapping[str, Any]) -> Table:
+    """Header and rows: each swept value's validation accuracies in %, the chosen one marked."""
+    header = [str(sweep.get("param")), "old tasks (%)", "new task (%)", "average (%)", "chosen"]
+    rows = [
+        [
+            f"{p['value']:g}",
+            *(format_percent(p.get(k)) for k in ("val_old_acc", "val_new_acc", "val_acc")),
+            "✓" if p["value"] == sweep.get("chosen") else "",
+        ]
+        for p in sorted(sweep["points"], key=lambda p: p["value"])
+    ]
+    return header, rows
+
+
+def runs_table(runs: Sequence[Results]) -> Table:
+    """Header and rows: per run, its seed, creation time, timings and library versions."""
+    header = ["Strategy", "Seed", "Created", *TIMINGS.values(), "Versions"]
+    rows = [
+        [
+            str(r["strategy"]),
+            str(r.get("seed", "")),
+            str(r.get("created", "")),
+            *(_seconds(r.get("timings", {}).get(k)) for k in TIMINGS),
+            ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
+        ]
+        for r in runs
+    ]
+    return header, rows
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _intro(runs: Sequence[Results]) -> str:
+    benchmarks = sorted({f"{r['benchmark']} ({r.get('scenario', '?')}-incremental)" for r in runs})
+    strategies = ", ".join(group_by_strategy(runs))
+    return (
+        f"Benchmark {', '.join(benchmarks)}: {len(runs)} runs of {strategies}. "
+        f"Generated by ewc {__version__}."
+    )
+
+
+def _sweep_line(sweep: Mapping[str, Any]) -> str:
+    param, strategy, chosen = (sweep.get(k) for k in ("param", "strategy", "chosen"))
+    return f"Sweep over {param} for {strategy}: chosen {chosen}."
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def render_markdown(
+    runs: Sequence[Results], sweep: Mapping[str, Any] | None = None, title: str = DEFAULT_TITLE
+) -> str:
+    """The Markdown summary: metrics and final accuracies per strategy (and the sweep's choice)."""
+    parts = [
+        f"# {title}",
+        _intro(runs),
+        "## Metrics",
+        markdown_table(metrics_table(runs)),
+        METRICS_NOTE,
+        "## Final accuracy per task",
+        markdown_table(final_accuracy_table(runs)),
+    ]
+    if sweep is not None:
+        parts += ["## Sweep", _sweep_line(sweep), markdown_table(sweep_table(sweep))]
+    return "\n\n".join(parts) + "\n"
+
+
+def markdown_table(table: Table) -> str:
+    """A table as GitHub-flavoured Markdown."""
+    header, rows = table
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)])
+
+
+# --------------------------------------------------------------------------- html
+
+
+def render_html(
+    runs: Sequence[Results], sweep: Mapping[str, Any] | None = None, title: str = DEFAULT_TITLE
+) -> str:
+    """The whole self-contained HTML page."""
+    csp = (
+        "default-src 'none'; img-src data:; base-uri 'none'; form-action 'none'; "
+        f"style-src '{_sha256(_STYLE)}'; script-src '{_sha256(_CHECK_SCRIPT)}'"
+    )
+    body = "\n".join(f"<h2>{_e(h)}</h2>\n{content}" for h, content in _sections(runs, sweep))
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_e(csp)}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{_STYLE}</style>
+<script>{_CHECK_SCRIPT}</script>
+</head>
+<body>
+<h1>{_e(title)}</h1>
+<p>{_e(_intro(runs))}</p>
+{body}
+</body>
+</html>
+"""
+
+
+def _sections(runs: Sequence[Results], sweep: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(heading, HTML) for each part of the report that the data supports."""
+    groups = group_by_strategy(runs)
+    with_curves = [r for r in runs if r.get("curves")]
+    sections = [
+        (
+            "Metrics",
+            _html_table(metrics_table(runs)) + f'<p class="note">{_e(METRICS_NOTE)}</p>',
+        ),
+        (
+            "Final accuracy per task",
+            _html_table(final_accuracy_table(runs))
+            + _figure(plot_final_accuracy(runs), "Accuracy on each task after the last one."),
+        ),
+    ]
+    if with_curves:
+        caption = "Test accuracy on every task during training (lowest seed of each strategy)."
+        sections.append(
+            ("Accuracy during training", _figure(plot_accuracy_curves(with_curves), caption))
+        )
+    matrices = (
+        _figure(plot_accuracy_matrix(group), f"{name}: R[i][j], mean over seeds.")
+        for name, group in groups.items()
+    )
+    sections.append(("Accuracy matrices", _side_by_side(matrices)))
+    importance = [
+        _figure(plot_importance(group[0]), f"{name}: importance, seed {group[0].get('seed', 0)}.")
+        for name, group in groups.items()
+        if group[0].get("importance")
+    ]
+    if importance:
+        sections.append(("Where the importance lies", "\n".join(importance)))
+    if sweep is not None:
+        sweep_html = _figure(plot_lambda_tradeoff(sweep), _sweep_line(sweep))
+        sections.append(("Sweep", sweep_html + _html_table(sweep_table(sweep))))
+    sections += [
+        ("Runs, timings and versions", _html_table(runs_table(runs))),
+        ("Configuration", "\n".join(map(_config_html, runs))),
+    ]
+    return sections
+
+
+def _figure(fig: Figure, caption: str) -> str:
+    """``fig`` as an embedded PNG with a caption."""
+    data = base64.b64encode(figure_bytes(fig, "png", FIGURE_DPI)).decode("ascii")
+    width = round(fig.get_figwidth() * CSS_PX_PER_INCH)
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" width="{width}" alt="{_e(caption)}">'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
+
+
+def _side_by_side(figures: Iterable[str]) -> str:
+    return '<div class="figures">' + "\n".join(figures) + "</div>"
+
+
+def _html_table(table: Table) -> str:
+    header, rows = table
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>\n" for row in rows)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+
+
+def _config_html(run: Results) -> str:
+    config = json.dumps(run.get("config", {}), indent=2, sort_keys=True, default=str)
+    label = f"{run['strategy']}, seed {run.get('seed', '')}"
+    return f"<details><summary>{_e(label)}</summary><pre>{_e(config)}</pre></details>"
+
+
+def _sha256(text: str) -> str:
+    digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+    return f"sha256-{digest}"
+
+
+def _e(text: str) -> str:
+    return html.escape(str(text), quote=True)

@@ -1,0 +1,156 @@
+"""The HTML + Markdown report: content, escaping, self-containment, and a real browser load.
+
+Uses the synthetic results files in tests/data/report/ (see tests/test_plots.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ewc.report import write_report
+
+DATA = Path(__file__).parent / "data" / "report"
+RUNS = sorted(DATA.glob("*-seed*.json"))
+SWEEP = DATA / "sweep.json"
+# final accuracy, curves, one accuracy matrix per strategy, importance (ewc only), sweep
+FIGURES = 1 + 1 + 2 + 1 + 1
+TITLE = "EWC vs naive <on> permuted & digits"
+IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+EXTERNAL = re.compile(r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:)?//|url\(|@import""", re.I)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, Path, str]:
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    html_path, md_path = write_report(RUNS, out, sweep=SWEEP, title=TITLE)
+    return html_path, md_path, html_path.read_text(encoding="utf-8")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _expected_metrics() -> dict[str, list[str]]:
+    """Per strategy, each metric's mean ± sample std in % — computed independently."""
+    runs = [_load(p) for p in RUNS]
+    expected = {}
+    for strategy in ("naive", "ewc"):
+        values = [[r["metrics"][k] for r in runs if r["strategy"] == strategy] for k in
+                  ("acc", "bwt", "fwt", "forgetting")]  # fmt: skip
+        expected[strategy] = [
+            f"{100 * statistics.mean(v):.2f} ± {100 * statistics.stdev(v):.2f}" for v in values
+        ]
+    return expected
+
+
+def test_writes_html_and_markdown_side_by_side(report):
+    html_path, md_path, _ = report
+    assert md_path == html_path.with_suffix(".md")
+    assert sorted(p.name for p in html_path.parent.iterdir()) == ["report.html", "report.md"]
+
+
+def test_embeds_every_figure_as_png(report):
+    page = report[2]
+    images = IMG.findall(page)
+    assert len(images) == FIGURES == page.count("<img ")
+    for data in images:
+        assert base64.b64decode(data).startswith(b"\x89PNG")
+
+
+def test_metrics_table_holds_mean_and_std_in_percent(report):
+    _, md_path, page = report
+    markdown = md_path.read_text(encoding="utf-8")
+    for strategy, cells in _expected_metrics().items():
+        row = "".join(f"<td>{html.escape(c)}</td>" for c in [strategy, "2", *cells])
+        assert row in page
+        assert f"| {strategy} | 2 | {' | '.join(cells)} |" in markdown
+
+
+def test_config_versions_and_timings_are_reported(report):
+    page = report[2]
+    run = _load(RUNS[0])
+    assert html.escape('"batch_size": 64') in page
+    assert html.escape(", ".join(f"{k} {v}" for k, v in run["versions"].items())) in page
+    assert f"<td>{run['timings']['total_s']:.1f}</td>" in page
+    assert "Sweep over lam for ewc: chosen 100." in page
+
+
+def test_text_from_results_is_escaped(report):
+    page = report[2]
+    assert "&lt;synthetic &amp; fixture&gt;" in page  # from config["note"]
+    assert "<synthetic" not in page
+    assert f"<title>{html.escape(TITLE)}</title>" in page
+
+
+def test_makes_no_external_requests(report):
+    page = report[2]
+    assert not EXTERNAL.search(page)
+    assert "http://" not in page and "https://" not in page
+    assert html.escape("default-src 'none'; img-src data:") in page
+
+
+def test_a_single_run_without_importance_or_sweep(tmp_path):
+    html_path, md_path = write_report([_load(RUNS[-1])], tmp_path / "one.html")
+    page = html_path.read_text(encoding="utf-8")
+    assert len(IMG.findall(page)) == 3  # final accuracy, curves, accuracy matrix
+    assert "Where the importance lies" not in page and "Sweep" not in page
+    assert "| naive | 1 |" in md_path.read_text(encoding="utf-8")
+
+
+def test_rejects_documents_of_another_schema(tmp_path):
+    with pytest.raises(ValueError, match=r"ewc\.results/1"):
+        write_report([SWEEP], tmp_path / "bad.html")
+    with pytest.raises(ValueError, match="at least one"):
+        write_report([], tmp_path / "empty.html")
+
+
+# --------------------------------------------------------------------------- browser
+
+
+def _render_in_chromium(page: Path, profile: Path) -> dict[str, Any]:
+    """Load ``page`` headless; return the status the report's own script wrote into <body>."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip(
+            "chromium not found: install Debian's chromium package to run the browser check"
+        )
+    command = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri(),
+    ]  # fmt: skip
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, f"no <body> in chromium's DOM dump:\n{dom[:2000]}"
+    attributes = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(1)))
+    return {
+        "figures": attributes.get("figures-ok"),
+        "errors": json.loads(html.unescape(attributes.get("errors", '["no status written"]'))),
+    }
+
+
+def test_renders_in_a_browser_without_errors(report, tmp_path):
+    status = _render_in_chromium(report[0], tmp_path / "profile")
+    assert status == {"figures": f"{FIGURES}/{FIGURES}", "errors": []}
+
+
+def test_browser_check_catches_broken_figures_and_external_requests(report, tmp_path):
+    """The check is not vacuous: a corrupt image and an external one are both reported."""
+    page = report[2]
+    broken = IMG.sub('<img src="data:image/png;base64,AAAA"', page, count=1)
+    broken = broken.replace("<h1>", '<img src="https://example.invalid/x.png"><h1>', 1)
+    path = tmp_path / "broken.html"
+    path.write_text(broken, encoding="utf-8")
+    status = _render_in_chromium(path, tmp_path / "profile")
+    assert status["figures"] == f"{FIGURES - 1}/{FIGURES + 1}"
+    assert any("example.invalid" in e for e in status["errors"])
