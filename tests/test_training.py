@@ -29,7 +29,7 @@ def test_results_schema_and_shapes():
     assert all(len(p) == t for p in curves["accuracy"])
     assert curves["task_boundaries"][0] == 0 and len(curves["task_boundaries"]) == t
     assert curves["step"] == sorted(curves["step"])
-    assert len(r["importance"]) == t
+    assert len(r["importance"]) == t - 1  # nothing to consolidate after the last task
     assert r["importance"][0]["input_importance"]["shape"] == [8, 8]
     assert {"train_s", "fisher_s", "eval_s", "total_s"} <= set(r["timings"])
     json.dumps(r, allow_nan=False)  # serialisable as is
