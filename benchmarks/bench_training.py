@@ -90,7 +90,9 @@ def main() -> None:
         naive = runner(stream, "naive", args.steps, args.batch_size)
         times["naive"].append(naive["timings"]["train_s"])
         times["eval share"].append(naive["timings"]["eval_s"] / naive["timings"]["total_s"])
-        times["ewc"].append(runner(stream, "ewc", args.steps, args.batch_size)["timings"]["train_s"])
+        times["ewc"].append(
+            runner(stream, "ewc", args.steps, args.batch_size)["timings"]["train_s"]
+        )
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tasks} tasks x "
@@ -101,8 +103,10 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| minimal hand-written loop | {med['hand']:.2f} | 1.00 (floor) |")
     print(f"| runner, naive | {med['naive']:.2f} | {med['naive'] / med['hand']:.3f} × hand |")
-    print(f"| runner, ewc (penalty gradient) | {med['ewc']:.2f} | "
-          f"{med['ewc'] / med['naive']:.3f} × naive |")
+    print(
+        f"| runner, ewc (penalty gradient) | {med['ewc']:.2f} | "
+        f"{med['ewc'] / med['naive']:.3f} × naive |"
+    )
     print(f"evaluation share of a naive run: {100 * med['eval share']:.1f} %")
 
 

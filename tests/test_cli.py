@@ -21,7 +21,9 @@ def test_version(capsys):
 
 def test_console_script_help():
     out = subprocess.run(
-        [sys.executable, "-m", "ewc.cli", "run", "--help"], capture_output=True, text=True,
+        [sys.executable, "-m", "ewc.cli", "run", "--help"],
+        capture_output=True,
+        text=True,
         check=True,
     ).stdout
     assert "--fisher" in out and "--lam" in out and "--benchmark" in out
@@ -41,8 +43,19 @@ def test_compare_with_config_file(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("benchmark: split-digits\nepochs: 1\nhidden: [32]\nscenario: domain\n")
     out = tmp_path / "cmp"
-    argv = ["compare", "--config", str(cfg), "--strategies", "naive,ewc", "--seeds", "0,1",
-            "--quiet", "--no-report", "--out", str(out)]
+    argv = [
+        "compare",
+        "--config",
+        str(cfg),
+        "--strategies",
+        "naive,ewc",
+        "--seeds",
+        "0,1",
+        "--quiet",
+        "--no-report",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert len(list(out.glob("*-seed*.json"))) == 4
     summary = (out / "summary.md").read_text()
@@ -54,8 +67,19 @@ def test_toml_config_and_command_line_wins(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('benchmark = "split-digits"\nepochs = 1\nhidden = [16]\nlr = 0.5\n')
     out = tmp_path / "r.json"
-    argv = ["run", "--config", str(cfg), "--lr", "0.002", "--strategy", "naive", "--quiet",
-            "--no-report", "--out", str(out)]
+    argv = [
+        "run",
+        "--config",
+        str(cfg),
+        "--lr",
+        "0.002",
+        "--strategy",
+        "naive",
+        "--quiet",
+        "--no-report",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert json.loads(out.read_text())["config"]["lr"] == 0.002
 
@@ -94,11 +118,25 @@ def test_wrong_data_dir_exit_2(corrupt, tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     if corrupt:  # a file with the right name and the wrong content
-        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        for name in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ):
             (data / name).write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 12)
-    argv = ["run", "--benchmark", "split-mnist", "--data-dir", str(data), "--no-download",
-            "--strategy", "naive", "--out", str(tmp_path / "x.json")]
+    argv = [
+        "run",
+        "--benchmark",
+        "split-mnist",
+        "--data-dir",
+        str(data),
+        "--no-download",
+        "--strategy",
+        "naive",
+        "--out",
+        str(tmp_path / "x.json"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert str(data) in err and len(err.strip().splitlines()) == 1

@@ -26,7 +26,10 @@ def test_metrics_by_hand():
 
 def test_single_task_has_no_transfer():
     assert compute_metrics([[0.8]], [0.1]) == {
-        "acc": 0.8, "bwt": None, "fwt": None, "forgetting": None
+        "acc": 0.8,
+        "bwt": None,
+        "fwt": None,
+        "forgetting": None,
     }
 
 
@@ -44,8 +47,13 @@ def test_random_init_length_checked():
         compute_metrics(R, [0.1])
 
 
-@given(arrays(np.float64, st.tuples(st.integers(2, 6)).map(lambda t: (t[0], t[0])),
-              elements=st.floats(0, 1)))
+@given(
+    arrays(
+        np.float64,
+        st.tuples(st.integers(2, 6)).map(lambda t: (t[0], t[0])),
+        elements=st.floats(0, 1),
+    )
+)
 def test_forgetting_bounds_backward_transfer(r):
     """Forgetting uses the best accuracy so far, which is at least the just-learned one."""
     m = compute_metrics(r, [0.0] * len(r))
@@ -57,8 +65,10 @@ def test_summarize_mean_std_over_seeds():
     runs = [
         {"strategy": "ewc", "metrics": {"acc": 0.8, "bwt": -0.1, "fwt": 0.0, "forgetting": 0.1}},
         {"strategy": "ewc", "metrics": {"acc": 0.9, "bwt": -0.2, "fwt": 0.0, "forgetting": 0.2}},
-        {"strategy": "naive", "metrics": {"acc": 0.5, "bwt": None, "fwt": None,
-                                          "forgetting": None}},
+        {
+            "strategy": "naive",
+            "metrics": {"acc": 0.5, "bwt": None, "fwt": None, "forgetting": None},
+        },
     ]
     rows = summarize(runs)
     assert [r["strategy"] for r in rows] == ["ewc", "naive"]

@@ -58,7 +58,8 @@ def test_final_accuracy_by_strategy_mean_and_sample_std(runs):
 
 def test_format_percent():
     assert (
-        plots.MeanStd.of([0.5, 0.6]).percent() == f"55.00 ± {100 * statistics.stdev([0.5, 0.6]):.2f}"
+        plots.MeanStd.of([0.5, 0.6]).percent()
+        == f"55.00 ± {100 * statistics.stdev([0.5, 0.6]):.2f}"
     )
     assert plots.MeanStd.of([0.123]).percent() == "12.30"
     assert plots.format_percent(-0.05, 0.001, digits=2) == "-5.00 ± 0.10"

@@ -112,7 +112,7 @@ def test_config_errors(kw, match):
 
 
 def test_unknown_config_key():
-    with pytest.raises(ConfigError, match="unknown config key.*'lamda'"):
+    with pytest.raises(ConfigError, match=r"unknown config key.*'lamda'"):
         RunConfig.from_dict({"lamda": 3})
 
 

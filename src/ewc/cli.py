@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import yaml
 
 from ewc import __version__
@@ -166,8 +166,12 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return markdown_table(metrics_table(results))
 
 
-def _finish(results: list[dict[str, Any]], out_dir: Path, args: argparse.Namespace,
-            sweep_summary: dict[str, Any] | None = None) -> None:
+def _finish(
+    results: list[dict[str, Any]],
+    out_dir: Path,
+    args: argparse.Namespace,
+    sweep_summary: dict[str, Any] | None = None,
+) -> None:
     table = format_table(results)
     print(table)
     atomic_write_text(out_dir / "summary.md", table + "\n")
@@ -196,8 +200,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     seeds = _numbers(args.seeds, int, "--seeds")
     results = compare(
-        _run_config(args), strategies, seeds, args.out,
-        progress=not args.quiet, resume=not args.fresh,
+        _run_config(args),
+        strategies,
+        seeds,
+        args.out,
+        progress=not args.quiet,
+        resume=not args.fresh,
     )
     _finish(results, args.out, args)
 
@@ -205,8 +213,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> None:
     grid = _numbers(args.grid, float, "--grid")
     summary = sweep(
-        _run_config(args), grid, args.out, param=args.param,
-        val_fraction=args.val_fraction, progress=not args.quiet,
+        _run_config(args),
+        grid,
+        args.out,
+        param=args.param,
+        val_fraction=args.val_fraction,
+        progress=not args.quiet,
     )
     for p in summary["points"]:
         outcome = p["error"] if "error" in p else f"validation ACC {100 * p['val_acc']:.2f} %"
@@ -227,12 +239,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
         make_stream(base.benchmark, data_dir=base.data_dir, download=base.download)
     except DataNotFoundError as e:
-        print(f"note: {e}\nnote: running the same comparison on the offline permuted-digits "
-              "stream (scikit-learn's digits, 2 tasks, shared head) instead.", file=sys.stderr)
+        print(
+            f"note: {e}\nnote: running the same comparison on the offline permuted-digits "
+            "stream (scikit-learn's digits, 2 tasks, shared head) instead.",
+            file=sys.stderr,
+        )
         base = RunConfig(benchmark="permuted-digits", n_tasks=2, scenario="domain")
     print(f"demo: {base.benchmark}, strategies {', '.join(DEMO_STRATEGIES)}")
-    results = compare(base, DEMO_STRATEGIES, [0], args.out, progress=not args.quiet,
-                      resume=False)
+    results = compare(base, DEMO_STRATEGIES, [0], args.out, progress=not args.quiet, resume=False)
     _finish(results, args.out, args)
 
 

@@ -74,7 +74,7 @@ class SimpleCNN(nn.Sequential):
 def build_model(
     name: str, input_shape: Sequence[int], n_outputs: int, hidden: Sequence[int] = (400, 400)
 ) -> nn.Module:
-    """Build a reference model by name for inputs of ``input_shape`` (per sample, e.g. (1, 28, 28))."""
+    """Build a reference model by name for per-sample inputs of ``input_shape`` (C, H, W)."""
     if name == "mlp":
         return MLP(math.prod(input_shape), n_outputs, hidden)
     if name == "cnn":

@@ -85,8 +85,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -95,7 +94,8 @@ from torch.func import functional_call, grad, vmap
 
 from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.fisher import fisher_diagonal
-from ewc.fisher.batching import Forward, SampleSplit, batch_size, default_forward
+from ewc.fisher._util import eval_mode
+from ewc.fisher.batching import Forward, ForwardModule, SampleSplit, batch_size, default_forward
 from ewc.fisher.likelihoods import resolve_likelihood
 
 __all__ = [
@@ -743,13 +743,13 @@ class MAS(QuadraticRegularizer):
                 "MAS.consolidate() needs batches of the task just learned (labels unused); "
                 "pass e.g. the task's training DataLoader."
             )
-        wrapped = _Forwarded(self.model, self.forward or default_forward)
+        wrapped = ForwardModule(self.model, self.forward or default_forward)
         params = {f"model.{n}": p.detach() for n, p in zip(self._names, self._params, strict=True)}
         sums = {k: torch.zeros_like(p) for k, p in params.items()}
         param_bytes = sum(p.numel() * p.element_size() for p in params.values())
         step = max(1, _MAS_CHUNK_BYTES // param_bytes)  # samples per vmap call
         n_total = 0
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for batch in batches:
                 n = batch_size(batch)
                 split = SampleSplit(batch, n)
@@ -773,30 +773,6 @@ def _per_sample_abs_grads(
 
     per_sample = vmap(grad(sq_norm), in_dims=(None, 0))(params, [t[rows] for t in split.per_sample])
     return {k: g.abs_().sum(0) for k, g in per_sample.items()}
-
-
-class _Forwarded(nn.Module):
-    """``model`` seen through ``forward``: ``self(batch) = forward(model, batch)[0]``."""
-
-    def __init__(self, model: nn.Module, forward: Forward) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = forward
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.fn(self.model, batch)[0]
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` inside; every submodule's own training flag restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.train(training)
 
 
 # ---------------------------------------------------------------------------- by name

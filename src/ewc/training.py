@@ -49,36 +49,65 @@ BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
     # The seed notebook: SimpleCNN, Adam 1e-3, batch 512, 2 epochs a task, one shared head.
     # The exact Fisher of the CNN on 10,000 samples (~7x cheaper than on all 60,000).
     "fashion-mnist-to-mnist": dict(
-        model="cnn", epochs=2.0, batch_size=512, lr=1e-3, fisher_samples=10000,
+        model="cnn",
+        epochs=2.0,
+        batch_size=512,
+        lr=1e-3,
+        fisher_samples=10000,
         lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
     ),
     # Hsu et al. 2018, "Re-evaluating continual learning scenarios".
     "split-mnist": dict(
-        model="mlp", hidden=(400, 400), epochs=4.0, batch_size=128, lr=1e-3,
+        model="mlp",
+        hidden=(400, 400),
+        epochs=4.0,
+        batch_size=128,
+        lr=1e-3,
         lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
     ),
     "split-fashion-mnist": dict(
-        model="mlp", hidden=(400, 400), epochs=4.0, batch_size=128, lr=1e-3,
+        model="mlp",
+        hidden=(400, 400),
+        epochs=4.0,
+        batch_size=128,
+        lr=1e-3,
         lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
     ),
     # van de Ven et al. 2022, "Three types of incremental learning": 5000 iterations a task
     # (GMvandeVen/continual-learning defaults for permMNIST).
     "permuted-mnist": dict(
-        model="mlp", hidden=(1000, 1000), iterations=5000, batch_size=128, lr=1e-4,
+        model="mlp",
+        hidden=(1000, 1000),
+        iterations=5000,
+        batch_size=128,
+        lr=1e-4,
         lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
     ),
     "rotated-mnist": dict(
-        model="mlp", hidden=(400, 400), epochs=1.0, batch_size=128, lr=1e-3,
+        model="mlp",
+        hidden=(400, 400),
+        epochs=1.0,
+        batch_size=128,
+        lr=1e-3,
         lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
     ),
     # Offline benchmarks on scikit-learn's digits (no network needed).
     "split-digits": dict(
-        model="mlp", hidden=(100, 100), epochs=20.0, batch_size=32, lr=1e-3,
+        model="mlp",
+        hidden=(100, 100),
+        epochs=20.0,
+        batch_size=32,
+        lr=1e-3,
         lam={"ewc": 1e3, "online-ewc": 1e3, "si": 1.0, "mas": 1.0, "l2": 1.0},
     ),
     # SGD: with Adam, EWC barely holds the first task here (docs/results.md).
     "permuted-digits": dict(
-        model="mlp", hidden=(100, 100), epochs=20.0, batch_size=32, lr=0.05, optimizer="sgd",
+        model="mlp",
+        hidden=(100, 100),
+        epochs=20.0,
+        batch_size=32,
+        lr=0.05,
+        optimizer="sgd",
         lam={"ewc": 1e4, "online-ewc": 1e4, "si": 1.0, "mas": 1.0, "l2": 1.0},
     ),
 }
@@ -118,8 +147,9 @@ class RunConfig:
         evaluate_on: ``"test"``, or ``"val"`` to choose hyper-parameters without test data.
         max_train_samples: use at most this many training samples a task (fast demos, tests).
         penalty: how the penalty enters each step (default: ``"proximal"`` with SGD,
-            ``"grad"`` otherwise): ``"grad"`` (its closed-form gradient added to ``.grad``), ``"autograd"`` (added to the loss), or ``"proximal"`` (an implicit
-            step after the optimizer's, stable for any λ: exact proximal gradient for SGD, a
+            ``"grad"`` otherwise): ``"grad"`` (its closed-form gradient added to ``.grad``),
+            ``"autograd"`` (added to the loss), or ``"proximal"`` (an implicit step after the
+            optimizer's, stable for any λ: exact proximal gradient for SGD, a
             decoupled pull towards the anchor for Adam, like AdamW's weight decay).
     """
 
@@ -417,9 +447,12 @@ def run(
     boundaries: list[int] = []
     importance: list[dict[str, Any]] = []
     step = 0
-    steps_per_task = [_n_steps(cfg, len(s.y) if cfg.strategy != "joint" else
-                               sum(len(p.y) for p in train_sets[: t + 1]))
-                      for t, s in enumerate(train_sets)]
+    steps_per_task = [
+        _n_steps(
+            cfg, len(s.y) if cfg.strategy != "joint" else sum(len(p.y) for p in train_sets[: t + 1])
+        )
+        for t, s in enumerate(train_sets)
+    ]
     bar = _progress_bar(progress, sum(steps_per_task), cfg)
     for t in range(len(tasks)):
         boundaries.append(step)
@@ -513,9 +546,7 @@ def _batch_indices(
             done += 1
 
 
-def _stage_data(
-    train_sets: list[Any], stage: int, joint: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+def _stage_data(train_sets: list[Any], stage: int, joint: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Training inputs, labels and per-sample task ids for one stage (tasks 0..stage if joint)."""
     chosen = range(stage + 1) if joint else [stage]
     x = torch.cat([train_sets[j].x for j in chosen])

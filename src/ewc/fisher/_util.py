@@ -1,11 +1,12 @@
-"""Small helpers: memory budgeting for per-sample intermediates, summing partial results."""
+"""Small helpers: memory budgets for per-sample intermediates, summing partials, eval mode."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 T = TypeVar("T")
 
@@ -41,3 +42,15 @@ def accumulate(sums: dict[str, Tensor], part: dict[str, Tensor]) -> None:
     """``sums[name] += part[name]`` for every name, inserting missing names."""
     for name, value in part.items():
         sums[name] = sums[name] + value if name in sums else value
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside; every submodule's own ``training`` flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._util import accumulate
+from ._util import accumulate, eval_mode
 from .batching import Forward, batch_size, call_forward, default_forward, take
 from .errors import FisherError
 from .func import func_batch
@@ -116,11 +116,9 @@ def fisher_diagonal(
         )
     if kind != "batched" and method != "loop":
         _check_samples_independent(model)
-    modes = {module: module.training for module in model.modules()}
     sums: dict[str, Tensor] = {}
     total = 0
-    model.eval()
-    try:
+    with eval_mode(model):
         request = Request(
             model, params, forward or default_forward, kind, resolved, SeededGenerator(seed)
         )
@@ -129,9 +127,6 @@ def fisher_diagonal(
             for part, n in parts:
                 accumulate(sums, part)
                 total += n
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
     if total == 0:
         raise FisherError(
             "batches yielded no samples; pass a non-empty DataLoader or list of "
