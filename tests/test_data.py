@@ -437,7 +437,8 @@ def test_real_recompressed_file_passes(real_data_dir, tmp_path):
 def test_to_float():
     x = torch.tensor([0, 128, 255], dtype=torch.uint8)
     assert torch.allclose(to_float(x), torch.tensor([0.0, 128 / 255, 1.0]))
-    assert to_float(torch.tensor([2.0], dtype=torch.float64)).dtype == torch.float32
+    assert to_float(torch.tensor([2.0], dtype=torch.float64)).dtype == torch.float64
+    assert to_float(torch.tensor([3])).dtype == torch.int64
 
 
 def test_iterate_batches():

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ewc import __version__
+from ewc.data.datasets import to_float
 from ewc.data.streams import BENCHMARKS, Task, TaskStream, make_stream
 from ewc.metrics import compute_metrics
 from ewc.models import MODEL_NAMES, build_model
@@ -257,11 +258,6 @@ def resolve_config(config: RunConfig) -> RunConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _to_float(x: Tensor) -> Tensor:
-    """uint8 images in 0..255 -> float32 in [0, 1]; float inputs pass through."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
-
-
 def _mask_logits(logits: Tensor, active: Tensor | None) -> Tensor:
     """Set the logits of inactive output units to -inf. ``active``: bool [n_outputs] or [B, n]."""
     return logits if active is None else logits.masked_fill(~active, float("-inf"))
@@ -284,7 +280,7 @@ class _Batches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         for idx in self.order.split(self.batch_size):
             active = None if self.active is None else self.active.expand(len(idx), -1)
-            yield _to_float(self.x[idx]), self.y[idx], active
+            yield to_float(self.x[idx]), self.y[idx], active
 
 
 @torch.inference_mode()
@@ -296,7 +292,7 @@ def evaluate(
     model.eval()
     correct = 0
     for start in range(0, len(y), batch_size):
-        logits = _mask_logits(model(_to_float(x[start : start + batch_size])), active)
+        logits = _mask_logits(model(to_float(x[start : start + batch_size])), active)
         correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
     model.train(was_training)
     return correct / max(len(y), 1)
@@ -471,7 +467,7 @@ def run(
                 timings["eval_s"] += time.perf_counter() - tic
                 tic = time.perf_counter()
             active = masks.rows[ids[idx]] if per_sample else active_row
-            logits = _mask_logits(model(_to_float(x[idx])), active)
+            logits = _mask_logits(model(to_float(x[idx])), active)
             loss = F.cross_entropy(logits, y[idx])
             if reg is not None and cfg.penalty == "autograd":
                 loss = loss + reg.penalty()

@@ -65,10 +65,11 @@ class TensorPair:
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels 0..255 -> float32 in [0, 1]; other dtypes are cast to float32 unchanged."""
+    """uint8 pixels 0..255 -> float32 in [0, 1]; any other tensor is returned as it is (a float64
+    model's inputs stay float64, token ids stay integers)."""
     if x.dtype == torch.uint8:
         return x.to(torch.float32).div_(255.0)
-    return x.to(torch.float32)
+    return x
 
 
 def iterate_batches(
