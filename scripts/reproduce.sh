@@ -29,6 +29,9 @@ for scenario in $scenarios; do
         --grid "$(grid_for "$strategy")" --out "$dir/sweep-$strategy" --quiet --no-report
       lam=(--lam "$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen'])" \
         "$dir/sweep-$strategy/sweep.json")")
+      # The sweep's final run is seed 0 at the chosen value: compare resumes from it.
+      mkdir -p "$dir/runs"
+      cp "$dir/sweep-$strategy/final.json" "$dir/runs/$strategy-seed0.json"
     fi
     "$EWC" compare --config "$config" --scenario "$scenario" --strategies "$strategy" \
       "${lam[@]}" --seeds "$seeds" --out "$dir/runs" --quiet --no-report
