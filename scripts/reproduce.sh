@@ -30,8 +30,10 @@ for scenario in $scenarios; do
       lam=(--lam "$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen'])" \
         "$dir/sweep-$strategy/sweep.json")")
       # The sweep's final run is seed 0 at the chosen value: compare resumes from it.
-      mkdir -p "$dir/runs"
-      cp "$dir/sweep-$strategy/final.json" "$dir/runs/$strategy-seed0.json"
+      case ",$seeds," in *,0,*)
+        mkdir -p "$dir/runs"
+        cp "$dir/sweep-$strategy/final.json" "$dir/runs/$strategy-seed0.json" ;;
+      esac
     fi
     "$EWC" compare --config "$config" --scenario "$scenario" --strategies "$strategy" \
       "${lam[@]}" --seeds "$seeds" --out "$dir/runs" --quiet --no-report
