@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,14 @@ def test_demo_falls_back_offline(tmp_path, capsys, monkeypatch):
     assert "offline permuted-digits" in captured.err
     assert (out / "report.html").exists()
     assert captured.out.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_published_protocol_configs_are_valid(path):
+    from ewc.cli import _read_config_file
+    from ewc.training import RunConfig, resolve_config
+
+    cfg = resolve_config(RunConfig.from_dict(_read_config_file(path)))
+    assert cfg.benchmark in ("fashion-mnist-to-mnist", "split-mnist", "permuted-mnist")
