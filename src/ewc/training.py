@@ -35,7 +35,13 @@ from ewc.data.streams import BENCHMARKS, Task, TaskStream, make_stream
 from ewc.metrics import compute_metrics
 from ewc.models import MODEL_NAMES, build_model
 from ewc.regularizers import QuadraticRegularizer, make_regularizer
-from ewc.results import RESULTS_SCHEMA, SWEEP_SCHEMA, save_results, write_summary_csv
+from ewc.results import (
+    RESULTS_SCHEMA,
+    SWEEP_SCHEMA,
+    load_results,
+    save_results,
+    write_summary_csv,
+)
 
 STRATEGIES = ("naive", "joint", "ewc", "online-ewc", "si", "mas", "l2")
 REGULARIZED = ("ewc", "online-ewc", "si", "mas", "l2")
@@ -354,7 +360,7 @@ def _subsample(task: Task, n: int | None, generator: torch.Generator) -> Task:
     if n is None or n >= len(task.train.y):
         return task
     keep = torch.randperm(len(task.train.y), generator=generator)[:n]
-    return dataclasses.replace(task, train=type(task.train)(task.train.x[keep], task.train.y[keep]))
+    return dataclasses.replace(task, train=task.train.subset(keep))
 
 
 def _pair_to(pair: Any, device: torch.device) -> Any:
@@ -606,8 +612,6 @@ def compare(
 
 
 def _load_matching(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    from ewc.results import load_results
-
     if not path.exists():
         return None
     try:
