@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ewc import MAS
 from ewc.fisher import (
     CategoricalLikelihood,
     FisherError,
@@ -21,6 +22,7 @@ from ewc.fisher import (
     fisher_diagonal,
     register_rule,
 )
+from ewc.fisher.batching import batch_size, take
 
 PER_SAMPLE_KINDS = ["exact", "sampled", "empirical"]
 
@@ -307,6 +309,10 @@ def test_a_registered_rule_is_used() -> None:
     reference = fisher_diagonal(model, batches, method="loop")
     assert_fisher_close(fisher_diagonal(model, batches, method="hooks"), reference)
     assert calls == [model[1], model[1]]  # one call per batch
+    mas = MAS(model, lam=1.0)
+    mas.consolidate(batches)  # the rule takes no power: MAS uses the generic rule for Gain
+    assert calls == [model[1], model[1]]
+    assert_fisher_close(mas.importance, mas_by_loop(model, batches))
 
 
 class SharedTwice(nn.Module):
@@ -363,6 +369,57 @@ def test_hooks_detect_what_they_cannot_split(make: Callable[[], nn.Module], culp
     assert_fisher_close(fisher_diagonal(model, batches, "empirical"), reference)  # auto -> func
     with pytest.raises(FisherError, match=rf"{culprit}.*method='func'"):
         fisher_diagonal(model, batches, "empirical", method="hooks")
+
+
+def mas_by_loop(
+    model: nn.Module, batches: list[Any], forward: Callable[..., Any] | None = None
+) -> dict[str, Tensor]:
+    """MAS importance by hand: mean over samples of |∇θ ‖f(x)‖²|, one sample at a time."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    model.eval()
+    for batch in batches:
+        n = batch_size(batch)
+        for i in range(n):
+            one = take(batch, n, slice(i, i + 1))
+            output = forward(model, one)[0] if forward else model(one[0])
+            root = output.square().sum()
+            grads = torch.autograd.grad(root, list(params.values()), allow_unused=True)
+            for name, g in zip(params, grads, strict=True):
+                if g is not None:
+                    total[name] += g.abs()
+        count += n
+    model.train()
+    return {name: t / count for name, t in total.items()}
+
+
+MAS_CASES = [name for name in CASES if name != "masked-logits"]  # -inf outputs: infinite norm
+
+
+@pytest.mark.parametrize("name", MAS_CASES)
+def test_mas_importance_matches_a_per_sample_loop(name: str) -> None:
+    case = CASES[name]
+    model, batches = _setup(case)
+    expected = mas_by_loop(model, batches, case.forward)
+    assert all(float(e.abs().max()) > 0 for e in expected.values())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    for method in ("hooks", "func"):
+        reg = MAS(model, lam=1.0, forward=case.forward, method=method)
+        reg.consolidate(batches)
+        assert_fisher_close({n: reg.importance[n] for n in trainable}, expected)
+
+
+@pytest.mark.parametrize("make", [SharedTwice, Tied, OutsideUse])
+def test_mas_falls_back_to_func_where_hooks_cannot_split(make: Callable[[], nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = make().double()
+    batches = pairs(torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 4, (9,)))
+    reg = MAS(model, lam=1.0)
+    reg.consolidate(batches)
+    assert_fisher_close(dict(reg.importance), mas_by_loop(model, batches))
+    with pytest.raises(FisherError, match="method='func'"):
+        MAS(model, lam=1.0, method="hooks").consolidate(batches)
 
 
 class InPlaceAfterUse(nn.Module):

@@ -85,18 +85,19 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.fisher import fisher_diagonal
-from ewc.fisher._util import eval_mode
-from ewc.fisher.batching import Forward, ForwardModule, SampleSplit, batch_size, default_forward
-from ewc.fisher.likelihoods import resolve_likelihood
+from ewc.fisher.batching import Forward, default_forward
+from ewc.fisher.core import sample_mean
+from ewc.fisher.likelihoods import CategoricalLikelihood, SeededGenerator, resolve_likelihood
+from ewc.fisher.request import Request
 
 __all__ = [
     "EWC",
@@ -112,8 +113,7 @@ __all__ = [
 ]
 
 MODES = ("separate", "online")
-_MAS_CHUNK_BYTES = 32 * 2**20
-"""Per-sample gradients MAS materialises at a time (bytes): small enough to stay in cache."""
+_MAS_METHODS = ("auto", "hooks", "func")
 
 
 @runtime_checkable
@@ -324,8 +324,8 @@ class QuadraticRegularizer(ABC):
         if not rows:
             return [], [], []
         params, omega, anchor, diff = (list(t) for t in zip(*rows, strict=True))
-        torch._foreach_copy_(diff, params)
-        torch._foreach_sub_(diff, anchor)
+        for p, a, d in zip(params, anchor, diff, strict=True):
+            torch.sub(p, a, out=d)
         return params, omega, diff
 
     def after_step(self) -> None:  # noqa: B027 (a hook: deliberately a no-op by default)
@@ -707,12 +707,13 @@ class MAS(QuadraticRegularizer):
     data works). Not the absolute value of a mini-batch gradient, as some implementations take:
     :math:`|\sum_k g_k| \le \sum_k |g_k|`, with equality only where the signs agree.
 
-    Per-sample gradients come from ``torch.func.vmap(grad(...))`` over chunks of samples
-    (chunk size from a memory budget): exact for any model made of vmap-able ops, and costs
-    about one batched backward per chunk plus writing the per-sample gradients (seconds, not
-    minutes, for an MNIST MLP over 10k samples). The model is evaluated in eval mode (restored
-    afterwards) and no ``.grad`` is touched. Default ``mode="online"``, ``gamma=1``: importance
-    accumulated over tasks, anchor at the latest parameters, as in the paper.
+    Computed by the Fisher's machinery (:func:`ewc.fisher.core.sample_mean`) with absolute
+    values in place of squares: hooks and per-layer rules (Linear: one matmul
+    :math:`|\delta|^\top|a|` over the batch), a per-sample ``torch.func`` vjp for layers without
+    a rule, and the whole-model ``vmap`` where hooks cannot split the model. The model is
+    evaluated in eval mode (restored afterwards) and no ``.grad`` is touched. Default
+    ``mode="online"``, ``gamma=1``: importance accumulated over tasks, anchor at the latest
+    parameters, as in the paper.
 
     Every tensor in a batch whose first dimension equals the batch size is split per sample;
     other leaves are shared by all samples (see :mod:`ewc.fisher.batching`).
@@ -720,6 +721,8 @@ class MAS(QuadraticRegularizer):
     Args:
         model, lam, mode, gamma: see :class:`QuadraticRegularizer`.
         forward: ``forward(model, batch) -> (output, target)``; default ``model(x), y``.
+        method: ``"auto"`` (hooks, switching to ``"func"`` where they cannot split the model),
+            ``"hooks"`` or ``"func"``, as in :func:`ewc.fisher_diagonal`.
     """
 
     default_mode = "online"
@@ -732,9 +735,13 @@ class MAS(QuadraticRegularizer):
         forward: Forward | None = None,
         mode: str | None = None,
         gamma: float = 1.0,
+        method: str = "auto",
     ) -> None:
         super().__init__(model, lam, mode=mode, gamma=gamma)
+        if method not in _MAS_METHODS:
+            raise ValueError(f"method={method!r} is not one of {list(_MAS_METHODS)}; pass one.")
         self.forward = forward
+        self.method = method
 
     def task_importance(self, batches: Iterable[Any] | None) -> dict[str, Tensor]:
         """Mean per-sample :math:`|\\nabla_\\theta\\|f(x)\\|^2|` over ``batches``."""
@@ -743,36 +750,26 @@ class MAS(QuadraticRegularizer):
                 "MAS.consolidate() needs batches of the task just learned (labels unused); "
                 "pass e.g. the task's training DataLoader."
             )
-        wrapped = ForwardModule(self.model, self.forward or default_forward)
-        params = {f"model.{n}": p.detach() for n, p in zip(self._names, self._params, strict=True)}
-        sums = {k: torch.zeros_like(p) for k, p in params.items()}
-        param_bytes = sum(p.numel() * p.element_size() for p in params.values())
-        step = max(1, _MAS_CHUNK_BYTES // param_bytes)  # samples per vmap call
-        n_total = 0
-        with eval_mode(self.model):
-            for batch in batches:
-                n = batch_size(batch)
-                split = SampleSplit(batch, n)
-                for start in range(0, n, step):
-                    rows = slice(start, min(n, start + step))
-                    for k, g in _per_sample_abs_grads(wrapped, params, split, rows).items():
-                        sums[k] += g
-                n_total += n
-        if n_total == 0:
-            raise ValueError("MAS.consolidate() got no samples: batches was empty.")
-        return {k.removeprefix("model."): s / n_total for k, s in sums.items()}
+        params = {n: p for n, p in zip(self._names, self._params, strict=True) if p.requires_grad}
+        request = _OutputNormRequest(
+            self.model,
+            params,
+            self.forward or default_forward,
+            kind="empirical",
+            likelihood=CategoricalLikelihood(),  # unused: output_grads is overridden
+            rng=SeededGenerator(0),  # unused: nothing is sampled
+            power=1,
+        )
+        return sample_mean(request, batches, self.method, what="MAS importance")
 
 
-def _per_sample_abs_grads(
-    wrapped: nn.Module, params: dict[str, Tensor], split: SampleSplit, rows: slice
-) -> dict[str, Tensor]:
-    """:math:`\\sum_{i\\in\\text{rows}}|\\nabla_\\theta\\|f(x_i)\\|^2|` by vmap over samples."""
+@dataclass(frozen=True)
+class _OutputNormRequest(Request):
+    """MAS as a request to the Fisher machinery: the gradient of :math:`\\sum_i\\|f(x_i)\\|^2`
+    at the output is :math:`2f(x_i)`, one backward pass; ``power=1`` sums absolute values."""
 
-    def sq_norm(p: dict[str, Tensor], sample: list[Tensor]) -> Tensor:
-        return functional_call(wrapped, p, (split.rebuild(sample),)).square().sum()
-
-    per_sample = vmap(grad(sq_norm), in_dims=(None, 0))(params, [t[rows] for t in split.per_sample])
-    return {k: g.abs_().sum(0) for k, g in per_sample.items()}
+    def output_grads(self, output: Tensor, target: Any) -> Iterator[Tensor]:
+        return iter([2 * output.detach()])
 
 
 # ---------------------------------------------------------------------------- by name

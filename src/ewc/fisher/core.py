@@ -114,15 +114,24 @@ def fisher_diagonal(
             f"{type(model).__name__} has no parameters with requires_grad=True, so there is no "
             "Fisher to compute. Unfreeze the parameters to consolidate."
         )
-    if kind != "batched" and method != "loop":
-        _check_samples_independent(model)
+    request = Request(
+        model, params, forward or default_forward, kind, resolved, SeededGenerator(seed)
+    )
+    return sample_mean(request, _first_samples(batches, n_samples), method)
+
+
+def sample_mean(
+    request: Request, batches: Iterable[Any], method: str = "auto", what: str = "Fisher"
+) -> dict[str, Tensor]:
+    r"""Mean over samples of :math:`|g_i|^p` (``p = request.power``) for every parameter in
+    ``request.params``, computed in eval mode by ``method`` (see :func:`fisher_diagonal`);
+    parameters that got no gradient are zero. ``what`` names the result in errors."""
+    if request.kind != "batched" and method != "loop":
+        _check_samples_independent(request.model)
     sums: dict[str, Tensor] = {}
     total = 0
-    with eval_mode(model):
-        request = Request(
-            model, params, forward or default_forward, kind, resolved, SeededGenerator(seed)
-        )
-        parts = _per_batch(request, _first_samples(batches, n_samples), method)
+    with eval_mode(request.model):
+        parts = _per_batch(request, iter(batches), method)
         with torch.enable_grad(), closing(parts):
             for part, n in parts:
                 accumulate(sums, part)
@@ -132,19 +141,19 @@ def fisher_diagonal(
             "batches yielded no samples; pass a non-empty DataLoader or list of "
             "(inputs, targets) batches."
         )
-    fisher = {
+    mean = {
         name: (sums[name] / total).to(p.dtype) if name in sums else torch.zeros_like(p)
-        for name, p in params.items()
+        for name, p in request.params.items()
     }
-    for name, f in fisher.items():
-        bad = ~torch.isfinite(f)
+    for name, m in mean.items():
+        bad = ~torch.isfinite(m)
         if bool(bad.any()):
             raise FisherError(
-                f"the Fisher of parameter {name!r} has {int(bad.sum())} NaN/Inf entries: the "
+                f"the {what} of parameter {name!r} has {int(bad.sum())} NaN/Inf entries: the "
                 "model's outputs or gradients overflow. Lower the learning rate, check the inputs "
                 "for NaN/Inf, or compute in float64."
             )
-    return fisher
+    return mean
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
@@ -182,7 +191,7 @@ def _first_samples(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:
 def _per_batch(
     request: Request, batches: Iterator[Any], method: str
 ) -> Generator[tuple[dict[str, Tensor], int], None, None]:
-    """Per batch: sums of squared per-sample gradients (by parameter name) and the sample count."""
+    """Per batch: sums of per-sample gradient powers (by parameter name) and the sample count."""
     hooks = method in ("auto", "hooks") and request.kind != "batched"
     engine = HookEngine(request) if hooks else None
     try:

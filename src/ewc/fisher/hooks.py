@@ -4,7 +4,8 @@ Forward hooks record each module's call (its inputs :math:`a` and the autograd e
 output). Backward passes ask autograd only for the gradients at those edges,
 :math:`\delta = \partial \sum_i \ell_i / \partial\,\mathrm{output}` -- no parameter gradient
 is formed and ``.grad`` is never touched -- and the module's rule (:mod:`ewc.fisher.rules`)
-turns :math:`(a, \delta)` into :math:`\sum_i g_i^2` for its direct parameters. Because each edge
+turns :math:`(a, \delta)` into :math:`\sum_i g_i^2` (or :math:`\sum_i |g_i|` for MAS) for its
+direct parameters. Because each edge
 is taken when the module returns, a later in-place op (``ReLU(inplace=True)``) does not change
 which gradient is read.
 
@@ -91,7 +92,7 @@ class HookEngine:
                 owners[id(p)] = name
                 params[local] = (names[id(p)], p)
             if params:
-                rule = rule_for(module)
+                rule = rule_for(module, request.power)
                 self._hooked.append(
                     _Hooked(name, module, rule or generic_rule, rule is not None, params)
                 )
@@ -128,7 +129,7 @@ class HookEngine:
         hooked.calls.append(_Call(args, kwargs, leaves, spec, edges, versions))
 
     def batch(self, batch: Any) -> tuple[dict[str, Tensor], int]:
-        """Sums of squared per-sample gradients over one batch, and its number of samples."""
+        """Sums of per-sample gradient powers over one batch, and its number of samples."""
         self._recording = True
         try:
             output, target, n = call_forward(self.request.forward, self.request.model, batch)
@@ -177,6 +178,8 @@ class HookEngine:
     def _backward_passes(self, output: Tensor, vs: Iterator[Tensor]) -> dict[str, Tensor]:
         """Backpropagate each output-gradient in ``vs`` to the recorded edges; apply the rules."""
         calls = [(h, c) for h in self._hooked for c in h.calls if any(c.edges)]
+        # Rules written for the Fisher alone need not take power; they are not used otherwise.
+        power = {} if self.request.power == 2 else {"power": self.request.power}
         edges = [e for _, c in calls for e in c.edges if e is not None]
         sums: dict[str, Tensor] = {}
         if not edges or not output.requires_grad:
@@ -197,7 +200,7 @@ class HookEngine:
                 present = [g for g in grad_outputs if g is not None]
                 if present:
                     with torch.no_grad():
-                        part = h.rule(h.module, call.args, call.kwargs, present)
+                        part = h.rule(h.module, call.args, call.kwargs, present, **power)
                     accumulate(sums, {h.params[local][0]: v for local, v in part.items()})
         return sums
 

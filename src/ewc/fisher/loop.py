@@ -16,11 +16,12 @@ from torch import Tensor
 
 from .batching import batch_size, call_forward, take
 from .likelihoods import checked_log_prob
+from .persample import power_of
 from .request import Request
 
 
 def loop_batch(request: Request, batch: Any) -> tuple[dict[str, Tensor], int]:
-    """Sums of squared per-sample gradients over one batch, and its number of samples."""
+    """Sums of per-sample gradient powers over one batch, and its number of samples."""
     model, forward, likelihood = request.model, request.forward, request.likelihood
     params = list(request.params.values())
     n = batch_size(batch)
@@ -42,5 +43,5 @@ def loop_batch(request: Request, batch: Any) -> tuple[dict[str, Tensor], int]:
             grads = torch.autograd.grad(root, params, v, retain_graph=True, allow_unused=True)
             for s, g in zip(sums, grads, strict=True):
                 if g is not None:
-                    s.addcmul_(g, g)
+                    s += power_of(g, request.power)
     return dict(zip(request.params, sums, strict=True)), n

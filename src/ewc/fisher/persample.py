@@ -1,8 +1,9 @@
-r"""Sums of squared per-sample gradients with ``torch.func`` (any module, batch-first input).
+r"""Sums of powers of per-sample gradients with ``torch.func`` (any module, batch-first input).
 
 For a module :math:`m` with parameters :math:`\theta`, inputs :math:`a_i` and output-gradients
 :math:`v_{k,i}` (one per backward direction :math:`k`), this computes
-:math:`\sum_i \sum_k (J_\theta m(a_i)^\top v_{k,i})^2` by a ``vmap`` over samples of a
+:math:`\sum_i \sum_k |J_\theta m(a_i)^\top v_{k,i}|^p` (:math:`p` = 2: squares, the Fisher;
+:math:`p` = 1: absolute values, MAS) by a ``vmap`` over samples of a
 ``vjp`` of ``functional_call(m, θ, a_i)``, in chunks of samples. It is the generic fallback of
 the hook method (one module) and the whole ``method="func"`` (the whole model).
 """
@@ -20,14 +21,20 @@ from ._util import accumulate, sample_chunks
 from .batching import SampleSplit
 
 
-def per_sample_sq_grads(
+def power_of(t: Tensor, power: int) -> Tensor:
+    """Elementwise :math:`|t|^p` for ``power`` 1 or 2, as a new tensor."""
+    return t.square() if power == 2 else t.abs()
+
+
+def per_sample_grad_powers(
     module: nn.Module,
     params: dict[str, Tensor],
     inputs: tuple[tuple[Any, ...], dict[str, Any]],
     grad_outputs: list[Any],
     n: int,
+    power: int = 2,
 ) -> dict[str, Tensor]:
-    """:math:`\\sum_i \\sum_k g_{k,i}^2` for ``params`` (names as in ``module``).
+    """:math:`\\sum_i \\sum_k |g_{k,i}|^p` for ``params`` (names as in ``module``).
 
     Args:
         module: called as ``module(*args, **kwargs)`` on a batch of one sample.
@@ -36,6 +43,7 @@ def per_sample_sq_grads(
         grad_outputs: one pytree per backward direction, shaped like ``module``'s output,
             each tensor with ``n`` rows (the gradient of the summed objective at the output).
         n: samples in the batch.
+        power: 2 (squares) or 1 (absolute values).
     """
     split = SampleSplit(inputs, n)
     primals = {name: p.detach() for name, p in params.items()}
@@ -46,7 +54,7 @@ def per_sample_sq_grads(
         total: dict[str, Tensor] = {}
         for v in vs:
             (grads,) = pullback(tree_map(lambda t: t.unsqueeze(0), v))
-            accumulate(total, {name: g.square() for name, g in grads.items()})
+            accumulate(total, {name: power_of(g, power) for name, g in grads.items()})
         return total
 
     n_params = sum(p.numel() * p.element_size() for p in primals.values())

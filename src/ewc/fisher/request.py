@@ -14,7 +14,10 @@ from .likelihoods import Likelihood, SeededGenerator, output_grads
 
 @dataclass(frozen=True)
 class Request:
-    """The model, its trainable parameters (by name), how to feed it, and the Fisher's kind."""
+    """The model, its trainable parameters (by name), how to feed it, and the Fisher's kind.
+
+    ``power``: what is summed per sample, :math:`|g_i|^p`: 2 for the Fisher (squares), 1 for
+    MAS (absolute values, with the squared output norm as the "log-likelihood")."""
 
     model: nn.Module
     params: dict[str, Tensor]
@@ -22,6 +25,7 @@ class Request:
     kind: str
     likelihood: Likelihood
     rng: SeededGenerator
+    power: int = 2
 
     def output_grads(self, output: Tensor, target: Any) -> Iterator[Tensor]:
         """The output-gradients to backpropagate (see :func:`.likelihoods.output_grads`)."""

@@ -4,8 +4,8 @@ With the padded input :math:`x_i` and the output-gradient :math:`\delta_i` (``[C
 output positions), the per-sample weight gradient at kernel offset :math:`(u, v)` is
 :math:`\delta_i X_{i,uv}^\top`, where :math:`X_{i,uv}` (``[C_in, L]``) is the input seen through
 that offset (a strided slice; no ``unfold``, which is slow on CPU). One batched matmul per offset
-and chunk of samples, squared and summed over samples; per group when ``groups > 1``. The bias
-gradient is :math:`\sum_L \delta_i`. Conv1d runs as a Conv2d of height 1.
+and chunk of samples, squared (absolute for MAS) and summed over samples; per group when
+``groups > 1``. The bias gradient is :math:`\sum_L \delta_i`. Conv1d runs as a Conv2d of height 1.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._util import sample_chunks
-from . import layer_input, register_rule, sum_of_squares, trainable
+from . import layer_input, power_of, register_rule, sum_of_powers, trainable
 
 CHUNK_BYTES = 2 * 2**20
 """Per-offset intermediates per chunk of samples: small enough to stay in cache."""
@@ -36,12 +36,13 @@ def conv_rule(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     grad_outputs: list[Tensor],
+    power: int = 2,
 ) -> dict[str, Tensor]:
-    """Sum of squared per-sample gradients of ``weight`` and ``bias``."""
+    """Sum of per-sample gradient powers of ``weight`` and ``bias``."""
     out: dict[str, Tensor] = {}
     deltas = [d.flatten(2) for d in grad_outputs]  # [N, C_out, L]
     if trainable(module, "bias"):
-        out["bias"] = sum_of_squares([d.sum(2) for d in deltas]).sum(0)
+        out["bias"] = sum_of_powers([d.sum(2) for d in deltas], power).sum(0)
     if not trainable(module, "weight"):
         return out
     one_d = isinstance(module, nn.Conv1d)
@@ -72,6 +73,6 @@ def conv_rule(
                 seen = window.reshape(-1, c_in // groups, height * width).transpose(1, 2)
                 for d in ds:
                     g = torch.bmm(d, seen).unflatten(0, (-1, groups))
-                    total[..., u * kernel[1] + v] += g.square().sum(0)
+                    total[..., u * kernel[1] + v] += power_of(g, power).sum(0)
     out["weight"] = total.reshape(module.weight.shape)
     return out

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import layer_input, register_rule, sum_of_squares, trainable
+from . import layer_input, register_rule, sum_of_powers, trainable
 
 
 def _channelwise(t: Tensor) -> Tensor:
@@ -31,8 +31,9 @@ def norm_rule(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     grad_outputs: list[Tensor],
+    power: int = 2,
 ) -> dict[str, Tensor]:
-    """Sum of squared per-sample gradients of ``weight`` and ``bias``."""
+    """Sum of per-sample gradient powers of ``weight`` and ``bias``."""
     x = layer_input(args, kwargs)
     if isinstance(module, _BatchNorm):
         xhat = F.batch_norm(
@@ -51,7 +52,7 @@ def norm_rule(
 
     out: dict[str, Tensor] = {}
     if trainable(module, "weight"):
-        out["weight"] = sum_of_squares([reduce(d * xhat) for d in grad_outputs]).sum(0)
+        out["weight"] = sum_of_powers([reduce(d * xhat) for d in grad_outputs], power).sum(0)
     if trainable(module, "bias"):
-        out["bias"] = sum_of_squares([reduce(d) for d in grad_outputs]).sum(0)
+        out["bias"] = sum_of_powers([reduce(d) for d in grad_outputs], power).sum(0)
     return out
