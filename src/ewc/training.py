@@ -548,8 +548,9 @@ def _stage_data(train_sets: list[Any], stage: int, joint: bool) -> tuple[Tensor,
 
 def _make_optimizer(name: str | None, lr: float, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    # PyTorch's fused kernels update each parameter in one pass instead of about ten: Adam steps
-    # on the Permuted MNIST MLP train ~1.3x faster on CPU (docs/benchmarks.md). Same update rule.
+    # PyTorch's fused kernels update each parameter in one pass instead of about ten: a loop on
+    # the Permuted MNIST MLP runs 1.13-1.27x slower with the default Adam on CPU
+    # (docs/benchmarks.md). Same update rule.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.SGD if name == "sgd" else torch.optim.Adam
     return optimizer(params, lr=lr, fused=fused)

@@ -96,6 +96,8 @@ class HookEngine:
                 self._hooked.append(
                     _Hooked(name, module, rule or generic_rule, rule is not None, params)
                 )
+        # Rules written for the Fisher alone need not take power; rule_for skips them otherwise.
+        self._power = {} if request.power == 2 else {"power": request.power}
         self._recording = False
         self._handles = [
             h.module.register_forward_hook(partial(self._record, h), with_kwargs=True)
@@ -178,8 +180,6 @@ class HookEngine:
     def _backward_passes(self, output: Tensor, vs: Iterator[Tensor]) -> dict[str, Tensor]:
         """Backpropagate each output-gradient in ``vs`` to the recorded edges; apply the rules."""
         calls = [(h, c) for h in self._hooked for c in h.calls if any(c.edges)]
-        # Rules written for the Fisher alone need not take power; they are not used otherwise.
-        power = {} if self.request.power == 2 else {"power": self.request.power}
         edges = [e for _, c in calls for e in c.edges if e is not None]
         sums: dict[str, Tensor] = {}
         if not edges or not output.requires_grad:
@@ -200,7 +200,7 @@ class HookEngine:
                 present = [g for g in grad_outputs if g is not None]
                 if present:
                     with torch.no_grad():
-                        part = h.rule(h.module, call.args, call.kwargs, present, **power)
+                        part = h.rule(h.module, call.args, call.kwargs, present, **self._power)
                     accumulate(sums, {h.params[local][0]: v for local, v in part.items()})
         return sums
 
