@@ -1,9 +1,10 @@
 """Make the README's figure from a comparison's results files.
 
-    python scripts/make_readme_figure.py runs/seed/runs/*-seed0.json --out docs/demo_accuracy
+    ewc demo && python scripts/make_readme_figure.py runs/demo/*-seed0.json --out docs/demo_accuracy
 
-writes docs/demo_accuracy.png and .svg: each task's test accuracy over training, one panel per
-strategy (the classic forgetting figure).
+writes docs/demo_accuracy.png (PNG only: the README shows that file): each task's test accuracy
+over training, one panel per strategy (the classic forgetting figure). tests/test_readme_figure.py
+runs this script on small fresh runs, so it keeps working with the current code.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args()
     runs = [load_results(p) for p in args.results]
-    for path in save_figure(plot_accuracy_curves(runs), args.out):
+    for path in save_figure(plot_accuracy_curves(runs), args.out, formats=("png",)):
         print(path)
 
 

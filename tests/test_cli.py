@@ -93,7 +93,7 @@ def test_toml_config_and_command_line_wins(tmp_path):
         (["run", *FAST, "--scenario", "cls", "--out", "x.json"], "cls"),
         (["run", *FAST, "--out", "x.txt"], "--out must name a .json file"),
         (["sweep", *FAST, "--grid", ",", "--out", "d"], "--grid is empty"),
-        (["compare", *FAST, "--seeds", "a", "--out", "d"], "--seeds takes comma-separated"),
+        (["compare", *FAST, "--seeds", "a", "--out", "d"], "seed: expected an integer, got 'a'"),
         (["report", "missing.json", "--out", "r.html"], "does not exist"),
     ],
 )
@@ -150,17 +150,27 @@ def test_demo_falls_back_offline(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     assert main(["demo", "--no-download", "--quiet", "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "offline permuted-digits" in captured.err
-    assert (out / "report.html").exists()
+    assert "Missing data: fashion-mnist and mnist" in captured.err  # both named at once
+    reason = (
+        "the fashion-mnist and mnist files were not found and downloads are off (--no-download)"
+    )
+    stand_in = "STAND-IN: permuted-digits (scikit-learn's digits, 2 tasks, shared head) instead of"
+    assert f"{stand_in} fashion-mnist-to-mnist, because {reason}." in captured.err
+    assert captured.err.strip().splitlines()[-1].endswith("The results and the report say so too.")
     assert captured.out.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    for strategy in ("naive", "ewc"):
+        config = json.loads((out / f"{strategy}-seed0.json").read_text())["config"]
+        assert config["extra"]["stand_in"] == {"for": "fashion-mnist-to-mnist", "reason": reason}
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Continual learning report — stand-in for fashion-mnist-to-mnist")
 
 
 @pytest.mark.parametrize(
     "path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_published_protocol_configs_are_valid(path):
-    from ewc.cli import _read_config_file
+    from ewc.config import read_config_file
     from ewc.training import RunConfig, resolve_config
 
-    cfg = resolve_config(RunConfig.from_dict(_read_config_file(path)))
+    cfg = resolve_config(RunConfig.from_dict(read_config_file(path)))
     assert cfg.benchmark in ("fashion-mnist-to-mnist", "split-mnist", "permuted-mnist")

@@ -21,6 +21,7 @@ from ewc.data import (
     cache_dir,
     download_dataset,
     find_dataset,
+    find_datasets,
     iterate_batches,
     load_dataset,
     read_idx,
@@ -299,6 +300,25 @@ def test_not_found_message_lists_places_and_fixes(toy, tmp_path, monkeypatch):
     ):
         assert needed in message
     assert isinstance(info.value, FileNotFoundError)
+
+
+def test_missing_datasets_are_all_named_at_once(toy, tmp_path):
+    """Two datasets, neither found: one error lists every file of both, not the first alone."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataNotFoundError) as info:
+        find_datasets(["toy", "toy2"], tmp_path / "empty", download=False)
+    message = str(info.value)
+    assert info.value.missing == ("toy", "toy2")
+    assert message.startswith("Missing data: toy and toy2")
+    for dataset in ("toy", "toy2"):
+        assert f"Could not find the {dataset} files ({', '.join(n + '[.gz]' for n in NAMES)})" in (
+            message
+        )
+
+
+def test_find_datasets_returns_each_folder(toy, tmp_path):
+    folder = toy.write(tmp_path / "d" / "toy")
+    assert find_datasets(["toy"], tmp_path / "d", download=False) == {"toy": folder}
 
 
 def test_unknown_dataset():

@@ -73,6 +73,25 @@ class Bag(nn.Module):
         return self.head(self.norm(h.mean(1)))
 
 
+class Positional(nn.Module):
+    """Token and position embeddings, as in BERT: the position ids are ``[1, T]``, so the
+    position embedding returns one row that the addition broadcasts over the batch."""
+
+    def __init__(self, vocab: int = 7, dim: int = 4, n_out: int = 3, squeeze: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Embedding(6, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_out)
+        self.squeeze = squeeze  # code that relies on the one row: pos.view(T, D)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        pos = self.position(torch.arange(tokens.shape[1]).unsqueeze(0))
+        if self.squeeze:
+            pos = pos.view(tokens.shape[1], -1)
+        return self.head(self.norm(torch.tanh(self.embed(tokens) + pos)).mean(1))
+
+
 @dataclass
 class Case:
     """A model and its data for the method-vs-loop comparisons."""
@@ -175,6 +194,7 @@ CASES = {
     "generic": Case(lambda: nn.Sequential(nn.Linear(6, 5), Scale(5), nn.Linear(5, 4)), _vectors),
     "embedding-layernorm": Case(lambda: Bag(padding_idx=2), _tokens),
     "embedding-scale-grad-by-freq": Case(lambda: Bag(scale_grad_by_freq=True), _tokens),
+    "broadcast-position-embedding": Case(Positional, _tokens),
     "gaussian": Case(
         lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)),
         lambda: pairs(torch.randn(9, 6), torch.randn(9, 3)),
@@ -351,6 +371,33 @@ class OutsideUse(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(torch.tanh(self.fc(x)), self.proj.weight)
+
+
+@pytest.mark.parametrize("name", ["cnn", "groupnorm-conv1d", "embedding-layernorm"])
+def test_rules_give_the_same_sums_one_sample_per_chunk(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Linear (3-D input) and conv rules materialise per-sample gradients in cache-sized
+    chunks; with a budget of one byte every chunk holds one sample."""
+    from ewc.fisher import _util
+
+    case = CASES[name]
+    model, batches = _setup(case)
+    reference = fisher_diagonal(model, batches, method="loop")
+    monkeypatch.setattr(_util, "CACHE_CHUNK_BYTES", 1)
+    assert_fisher_close(fisher_diagonal(model, batches, method="hooks"), reference)
+
+
+def test_a_broadcast_output_that_the_model_cannot_take_expanded_falls_back() -> None:
+    """A model that needs the position embedding's single row (``view(T, D)``) fails once the
+    hooks expand it to the batch: ``auto`` switches to ``func``, ``hooks`` names the module."""
+    torch.manual_seed(0)
+    model = Positional(squeeze=True).double()
+    batches = _tokens()
+    reference = fisher_diagonal(model, batches, "empirical", method="loop")
+    assert_fisher_close(fisher_diagonal(model, batches, "empirical"), reference)
+    with pytest.raises(FisherError, match=r"broadcast output of module 'position'.*'func'"):
+        fisher_diagonal(model, batches, "empirical", method="hooks")
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import matplotlib.colors
 import numpy as np
 import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
@@ -213,3 +214,65 @@ def test_save_figure_writes_png_and_svg(tmp_path, sweep):
 def test_svg_output_is_reproducible(sweep):
     fig = plots.plot_lambda_tradeoff(sweep)
     assert plots.figure_bytes(fig, "svg") == plots.figure_bytes(fig, "svg")
+
+
+# --------------------------------------------------------------------------- colours, loss, labels
+
+
+def _bar_colors(fig: Figure) -> dict[str, tuple]:
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    return {c.get_label().split()[0]: c.patches[0].get_facecolor() for c in bars}
+
+
+def test_a_strategy_keeps_its_colour_whatever_the_order_or_company(runs):
+    naive_first = _bar_colors(plots.plot_final_accuracy(_of(runs, "naive") + _of(runs, "ewc")))
+    ewc_first = _bar_colors(plots.plot_final_accuracy(_of(runs, "ewc") + _of(runs, "naive")))
+    alone = _bar_colors(plots.plot_final_accuracy(_of(runs, "naive")))
+    assert naive_first == ewc_first and alone["naive"] == naive_first["naive"]
+    assert naive_first["naive"] == matplotlib.colors.to_rgba(plots.STRATEGY_COLORS["naive"])
+    assert naive_first["naive"] != naive_first["ewc"]
+
+
+def test_every_strategy_has_its_own_colour_and_other_names_a_stable_one():
+    assert len(set(plots.STRATEGY_COLORS.values())) == len(plots.STRATEGY_COLORS)
+    assert plots.strategy_color("my-method") == plots.strategy_color("my-method")
+    assert plots.strategy_color("my-method") in plots.PALETTE
+
+
+def _with_loss(run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` with a synthetic loss curve (and a penalty for ewc) at its curve points."""
+    run = copy.deepcopy(run)
+    n = len(run["curves"]["step"])
+    run["curves"]["loss"] = [None, *(1.0 / k for k in range(1, n))]
+    if run["strategy"] == "ewc":
+        run["curves"]["penalty"] = [0.0] * (n // 2) + [0.01 * k for k in range(1, n - n // 2 + 1)]
+    return run
+
+
+def test_training_loss_lines_in_each_strategys_colour(runs):
+    seed0 = [_with_loss(r) for r in runs if r["seed"] == 0]
+    (ax,) = plots.plot_training_loss(seed0).axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["ewc: cross-entropy", "ewc: penalty", "naive: cross-entropy"]
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_label()[0] != "_"}
+    for label, line in lines.items():
+        assert line.get_color() == plots.strategy_color(label.split(":")[0])
+    ewc_run = _of(seed0, "ewc")[0]
+    loss = lines["ewc: cross-entropy"]
+    assert list(loss.get_ydata()) == ewc_run["curves"]["loss"][1:]  # the first point has no steps
+    penalty = lines["ewc: penalty"]
+    assert list(penalty.get_ydata()) == [v for v in ewc_run["curves"]["penalty"] if v > 0]
+    assert ax.get_yscale() == "log"
+
+
+def test_training_loss_needs_a_recorded_loss(runs):
+    with pytest.raises(ValueError, match="no training loss recorded"):
+        plots.plot_training_loss(runs)
+
+
+def test_importance_legend_shows_recorded_layer_labels(runs):
+    run = copy.deepcopy(_of(runs, "ewc")[0])
+    run["importance"][0]["layers"]["0.bias"]["label"] = "0: Linear.bias (16)"
+    labels = plots.plot_importance(run).axes[0].get_legend_handles_labels()[1]
+    assert labels[1] == "0: Linear.bias (16)"

@@ -154,3 +154,39 @@ def test_browser_check_catches_broken_figures_and_external_requests(report, tmp_
     status = _render_in_chromium(path, tmp_path / "profile")
     assert status["figures"] == f"{FIGURES - 1}/{FIGURES + 1}"
     assert any("example.invalid" in e for e in status["errors"])
+
+
+# --------------------------------------------------------------------------- first-hour clarity
+
+
+def test_a_stand_in_is_named_in_the_title_and_intro(tmp_path):
+    run = _load(RUNS[-1])
+    reason = "the fashion-mnist and mnist files were not found and downloads are off"
+    run["config"]["extra"] = {"stand_in": {"for": "fashion-mnist-to-mnist", "reason": reason}}
+    html_path, md_path = write_report([run], tmp_path / "r.html")
+    page, markdown = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+    title = "Continual learning report — stand-in for fashion-mnist-to-mnist"
+    assert f"<title>{title}</title>" in page and markdown.startswith(f"# {title}\n")
+    sentence = f"STAND-IN: these runs used {run['benchmark']} instead of fashion-mnist-to-mnist"
+    assert f"{sentence}, because {reason}." in markdown
+    assert html.escape(sentence) in page
+
+
+def test_no_stand_in_no_mark(report):
+    assert "stand-in" not in report[2].lower()
+
+
+def test_statistics_words_match_the_number_of_seeds(report, tmp_path):
+    assert "Mean ± sample standard deviation over 2 seeds, in %." in report[2]
+    _, md_path = write_report([_load(RUNS[0])], tmp_path / "one.html")
+    markdown = md_path.read_text(encoding="utf-8")
+    assert "One run per strategy (one seed), in %: single values" in markdown
+    assert "standard deviation" not in markdown
+
+
+def test_configuration_lists_only_the_settings_that_apply(tmp_path):
+    run = _load(RUNS[0])
+    run["settings"] = {"model": "cnn", "strategy": run["strategy"]}
+    page = write_report([run], tmp_path / "r.html")[0].read_text(encoding="utf-8")
+    config = re.search(r"<details><summary>.*?</summary><pre>(.*?)</pre>", page, re.S)
+    assert config and json.loads(html.unescape(config.group(1))) == run["settings"]

@@ -8,7 +8,15 @@ import torch
 
 from ewc.data.streams import stream_from_tensors
 from ewc.results import load_results
-from ewc.training import ConfigError, RunConfig, compare, resolve_config, run, sweep
+from ewc.training import (
+    ConfigError,
+    RunConfig,
+    applicable_settings,
+    compare,
+    resolve_config,
+    run,
+    sweep,
+)
 
 FAST = dict(benchmark="split-digits", epochs=2.0, batch_size=32, hidden=(32,), eval_every=5)
 
@@ -100,8 +108,8 @@ def test_own_stream_and_model():
         (dict(strategy="ewx"), "unknown strategy 'ewx'"),
         (dict(optimizer="rmsprop"), "unknown optimizer"),
         (dict(fisher="diag"), "unknown fisher kind"),
-        (dict(lr=-1.0), "lr must be a positive number"),
-        (dict(lam=float("nan")), "lam must be a finite number"),
+        (dict(lr=-1.0), "lr: expected a finite number > 0, got -1.0"),
+        (dict(lam=float("nan")), "lam: expected a finite number >= 0"),
         (dict(evaluate_on="val"), "val_fraction > 0"),
         (dict(val_fraction=1.5), "val_fraction"),
     ],
@@ -145,3 +153,32 @@ def test_sweep_chooses_on_validation(tmp_path):
 def test_empty_grid():
     with pytest.raises(ConfigError, match="grid is empty"):
         sweep(fast(), [], "unused")
+
+
+def test_only_the_settings_that_apply_are_recorded():
+    cnn = applicable_settings(
+        resolve_config(RunConfig(benchmark="split-mnist", model="cnn", strategy="naive"))
+    )
+    assert cnn["model"] == "cnn" and cnn["download"] is True and "epochs" in cnn
+    not_for_naive_cnn = {"hidden", "lam", "gamma", "xi", "fisher", "fisher_samples", "penalty"}
+    assert not not_for_naive_cnn & set(cnn)
+    assert not {"iterations", "max_train_samples", "val_fraction", "extra"} & set(cnn)  # unset
+    si = applicable_settings(resolve_config(RunConfig(benchmark="split-digits", strategy="si")))
+    assert si["xi"] == 0.1 and si["hidden"] == [100, 100] and "lam" in si and "penalty" in si
+    assert not {"gamma", "fisher", "data_dir", "download"} & set(si)  # offline: no data folder
+    own = applicable_settings(resolve_config(fast(strategy="ewc")), own_model=True, own_stream=True)
+    assert not {"model", "hidden", "benchmark", "n_tasks"} & set(own) and own["fisher"] == "exact"
+
+
+def test_results_name_layers_by_module_path_type_and_shape():
+    r = run(fast(strategy="ewc", scenario="task", epochs=1.0))
+    labels = {k: v["label"] for k, v in r["importance"][0]["layers"].items()}
+    assert labels == {
+        "1.weight": "1: Linear.weight (32×64)",
+        "1.bias": "1: Linear.bias (32)",
+        "3.weight": "3: Linear.weight (10×32)",
+        "3.bias": "3: Linear.bias (10)",
+    }
+    assert r["settings"] == applicable_settings(
+        resolve_config(fast(strategy="ewc", scenario="task", epochs=1.0))
+    )

@@ -4,7 +4,7 @@ The small public API::
 
     import ewc
     F = ewc.fisher_diagonal(model, batches, kind="exact")   # {param name: tensor like the param}
-    reg = ewc.EWC(model, lam=1e4)                            # also OnlineEWC, SI, MAS, L2
+    reg = ewc.EWC(model, lam=1e4)                            # also OnlineEWC, SI, MAS, L2, KFAC
     loss = task_loss + reg.penalty()                         # while training a task
     reg.consolidate(batches)                                 # after it
 
@@ -20,6 +20,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 from ewc.data import load_dataset, make_stream, stream_from_tensors
 from ewc.fisher import fisher_diagonal
+from ewc.kfac import KFAC
 from ewc.metrics import compute_metrics, summarize
 from ewc.models import MLP, SimpleCNN
 from ewc.regularizers import EWC, L2, MAS, SI, OnlineEWC, Regularizer, make_regularizer
@@ -28,6 +29,7 @@ from ewc.training import RunConfig, compare, run, sweep
 
 __all__ = [
     "EWC",
+    "KFAC",
     "L2",
     "MAS",
     "MLP",

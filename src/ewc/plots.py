@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
-from ewc.results import atomic_write_bytes
+from ewc._optional import require
+
+require("matplotlib", "plots")  # before matplotlib's own imports: a missing extra is named
+import matplotlib  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from ewc.results import atomic_write_bytes  # noqa: E402
 
 Results = Mapping[str, Any]
 
@@ -44,11 +49,30 @@ PALETTE = (
 )
 STEPS_LABEL = "optimizer steps"
 ACCURACY_LABEL = "test accuracy (%)"
+LOSS_LABEL = "training loss (log scale)"
+
+
+#: One colour per strategy, the same in every figure (reports, README, notebook).
+STRATEGY_COLORS = {
+    "naive": PALETTE[6],
+    "joint": PALETTE[2],
+    "ewc": PALETTE[0],
+    "online-ewc": PALETTE[5],
+    "si": PALETTE[1],
+    "mas": PALETTE[4],
+    "l2": PALETTE[3],
+}
 
 
 def color(i: int) -> str:
     """The ``i``-th palette colour, cycling."""
     return PALETTE[i % len(PALETTE)]
+
+
+def strategy_color(strategy: str) -> str:
+    """The fixed colour of a strategy; another name gets a colour from a hash of it, the same in
+    every figure and process."""
+    return STRATEGY_COLORS.get(strategy) or color(zlib.crc32(strategy.encode()))
 
 
 # --------------------------------------------------------------------------- summaries
@@ -163,8 +187,41 @@ def _draw_curves(ax: Axes, run: Results) -> None:
     for t, name in enumerate(names):
         ax.plot(steps, accuracy[:, t], color=color(t), lw=1.6, label=name)
     ax.set(xlim=(steps[0], steps[-1]), ylim=(0, 101), xlabel=STEPS_LABEL)
-    ax.set_title(f"{run['strategy']} (seed {run.get('seed', 0)})", pad=16)
+    title = f"{run['strategy']} (seed {run.get('seed', 0)})"
+    ax.set_title(title, pad=16, color=strategy_color(run["strategy"]))
     ax.grid(axis="y", alpha=0.3)
+
+
+def plot_training_loss(results: Results | Sequence[Results]) -> Figure:
+    """The training loss over the sequence, one line per strategy (its lowest seed), in the
+    strategy's colour: solid, the task's cross-entropy (mean over the optimizer steps since the
+    previous point); dashed, the regularizer's penalty (λ/2)·Σ Ω (θ − θ*)² at the point, so the
+    loss minimised is their sum. Task boundaries are dashed grey lines; the y axis is logarithmic,
+    so zeros (no penalty yet, in the first task) and points without steps are not drawn.
+    """
+    runs = [group[0] for group in group_by_strategy(_as_list(results)).values()]
+    missing = [r["strategy"] for r in runs if "loss" not in (r.get("curves") or {})]
+    if missing:
+        raise ValueError(f"no training loss recorded for {missing}; rerun with this version")
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for start in runs[0]["curves"]["task_boundaries"][1:]:
+        ax.axvline(start, color="0.35", ls="--", lw=0.8)
+    for run in runs:
+        curves, line_color = run["curves"], strategy_color(run["strategy"])
+        for key, style, what in (("loss", "-", "cross-entropy"), ("penalty", "--", "penalty")):
+            values = curves.get(key) or [None] * len(curves["step"])  # naive: no penalty
+            points = [(s, v) for s, v in zip(curves["step"], values, strict=True) if v]
+            if points:
+                steps, values = zip(*points, strict=True)
+                label = f"{run['strategy']}: {what}"
+                ax.plot(steps, values, style, color=line_color, lw=1.4, label=label)
+    ax.set_yscale("log")
+    ax.set(xlabel=STEPS_LABEL, ylabel=LOSS_LABEL)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    ax.set_title(f"Training loss — {runs[0]['benchmark']}")
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def plot_accuracy_matrix(results: Results | Sequence[Results]) -> Figure:
@@ -220,7 +277,7 @@ def plot_final_accuracy(results: Sequence[Results]) -> Figure:
             width,
             yerr=[100 * (s.std or 0.0) for s in stats] if n > 1 else None,
             capsize=3,
-            color=color(k),
+            color=strategy_color(strategy),
             label=f"{strategy} (n={n})",
         )
         ax.bar_label(bars, fmt="%.0f", fontsize="x-small", padding=2)
@@ -302,7 +359,8 @@ def _draw_histograms(ax: Axes, layers: Mapping[str, Any], task: str) -> None:
         edges = 10.0 ** np.asarray(hist["log10_edges"], dtype=np.float64)
         zeros = hist.get("zeros", 0)
         total = max(counts.sum() + zeros, 1.0)
-        label = f"{name} ({zeros / total:.0%} zero)" if zeros else name
+        layer = hist.get("label", name)  # module path, type and shape, where recorded
+        label = f"{layer} ({zeros / total:.0%} zero)" if zeros else layer
         ax.stairs(counts / total, edges, color=color(k), lw=1.5, label=label)
     ax.set_xscale("log")
     ax.set(xlabel="importance F (log scale)", ylabel="fraction of the layer's parameters")
@@ -332,11 +390,16 @@ def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = 150) -> bytes:
     return buf.getvalue()
 
 
-def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> list[Path]:
-    """Write ``fig`` as ``<path>.png`` and ``<path>.svg``, each atomically; return both paths."""
+def save_figure(
+    fig: Figure,
+    path: str | os.PathLike[str],
+    dpi: int = 150,
+    formats: Sequence[str] = ("png", "svg"),
+) -> list[Path]:
+    """Write ``fig`` as ``<path>.<format>`` for each format, each atomically; return the paths."""
     base = Path(path)
     written = []
-    for fmt in ("png", "svg"):
+    for fmt in formats:
         target = base.parent / f"{base.name}.{fmt}"
         atomic_write_bytes(target, figure_bytes(fig, fmt, dpi))
         written.append(target)

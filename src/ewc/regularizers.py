@@ -78,14 +78,25 @@ tasks consolidated, the hyper-parameters (``lam``, ``mode``, ``gamma``, SI's ``x
 running path integral. :meth:`~QuadraticRegularizer.load_state_dict` restores all of them.
 
 The parameters regularized are those with ``requires_grad=True`` when the regularizer is
-built, by their names in ``model.named_parameters()``.
+built, by their names in ``model.named_parameters()`` (for a ``DistributedDataParallel``
+model, its ``.module``'s names: the regularizer works on the module inside).
+
+Devices and dtypes
+------------------
+The state follows the model: build the regularizer before or after ``model.to(device)`` /
+``model.half()``; every call moves the state to each parameter's device and dtype if the model
+has moved since (the parameters must stay the same ``Parameter`` objects, as ``Module.to`` keeps
+them). :meth:`~QuadraticRegularizer.load_state_dict` maps saved tensors onto the parameters'
+devices. Batches given to ``consolidate`` are moved to the model's device, and under
+``torch.distributed`` the importance is all-reduced so that every rank holds the same penalty
+(:func:`ewc.fisher.fisher_diagonal`).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -95,7 +106,7 @@ from torch import Tensor, nn
 from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.fisher import fisher_diagonal
 from ewc.fisher.batching import Forward, default_forward
-from ewc.fisher.core import sample_mean
+from ewc.fisher.core import sample_mean, unwrap
 from ewc.fisher.likelihoods import CategoricalLikelihood, SeededGenerator, resolve_likelihood
 from ewc.fisher.request import Request
 
@@ -109,7 +120,9 @@ __all__ = [
     "OnlineEWC",
     "QuadraticRegularizer",
     "Regularizer",
+    "Strategy",
     "make_regularizer",
+    "register",
 ]
 
 MODES = ("separate", "online")
@@ -201,6 +214,11 @@ class QuadraticRegularizer(ABC):
     """
 
     default_mode = "separate"
+    #: Whether a task's importance may be negative (SI's path integral), so ``load_state_dict``
+    #: accepts negative values; otherwise importance is >= 0.
+    signed_importance = False
+    #: The attributes holding one state tensor per parameter (moved with the model).
+    _per_parameter: tuple[str, ...] = ("_omega", "_anchor")
 
     def __init__(
         self, model: nn.Module, lam: float, *, mode: str | None = None, gamma: float = 1.0
@@ -209,6 +227,7 @@ class QuadraticRegularizer(ABC):
         self.mode, self.gamma = _check_mode_gamma(
             self.default_mode if mode is None else mode, gamma
         )
+        model = unwrap(model)
         self.model = model
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not self._names:
@@ -262,6 +281,7 @@ class QuadraticRegularizer(ABC):
         if self.n_tasks == 0:
             p = self._params[0]
             return torch.zeros((), dtype=p.dtype, device=p.device)
+        self._follow_model()
         quadratic = _QuadraticPenalty.apply(self.lam, self._omega, self._anchor, *self._params)
         return quadratic + 0.5 * self.lam * self._constant
 
@@ -314,6 +334,7 @@ class QuadraticRegularizer(ABC):
         between calls: a fresh allocation every step costs page faults on CPU."""
         if self.n_tasks == 0:
             return [], [], []
+        self._follow_model()
         if self._scratch is None:
             self._scratch = [torch.empty_like(p) for p in self._params]
         rows = [
@@ -331,6 +352,20 @@ class QuadraticRegularizer(ABC):
     def after_step(self) -> None:  # noqa: B027 (a hook: deliberately a no-op by default)
         """Call after every ``optimizer.step()``; a no-op except for :class:`SI`."""
 
+    @torch.no_grad()
+    def _follow_model(self) -> None:
+        """Move every per-parameter state tensor to its parameter's device and dtype, if the
+        model moved (``model.to(...)``) since the last call; a few attribute reads otherwise."""
+        if all(
+            o.device == p.device and o.dtype == p.dtype
+            for o, p in zip(self._omega, self._params, strict=True)
+        ):
+            return
+        for attr in self._per_parameter:
+            moved = [t.to(p) for t, p in zip(getattr(self, attr), self._params, strict=True)]
+            setattr(self, attr, moved)
+        self._scratch = None
+
     # ------------------------------------------------------------------ end of a task
 
     @abstractmethod
@@ -340,6 +375,7 @@ class QuadraticRegularizer(ABC):
     def consolidate(self, batches: Iterable[Any] | None = None) -> None:
         """End of a task: compute its importance (:meth:`task_importance`) and merge it, with
         the current parameters as this task's anchor."""
+        self._follow_model()
         self.add_task(self.task_importance(batches))
 
     @torch.no_grad()
@@ -353,6 +389,7 @@ class QuadraticRegularizer(ABC):
         out count as zero importance. Raises ``ValueError`` for unknown names, wrong shapes,
         NaN/Inf, or (``mode="separate"``) negative values.
         """
+        self._follow_model()
         omega_t = self._aligned(importance, "importance", partial=True)
         anchor_t = (
             [p.detach().clone() for p in self._params]
@@ -403,8 +440,15 @@ class QuadraticRegularizer(ABC):
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; raises ``ValueError`` (naming the mismatches) if it
-        was saved from another regularizer type or a model with other parameter names/shapes."""
+        """Restore :meth:`state_dict` output onto the parameters' devices and dtypes.
+
+        Everything is checked before anything changes (a failed load leaves the regularizer as it
+        was): raises ``ValueError`` naming the problem for a state saved by another regularizer
+        type or for a model with other parameter names/shapes, for a bad ``lam``, ``mode``,
+        ``gamma`` or ``n_tasks`` (an int >= 0), a non-finite or negative ``constant``, and NaN/Inf
+        tensors or negative importance (allowed only for :class:`SI`)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a dict from state_dict(); got {type(state).__name__}.")
         if state.get("type", type(self).__name__) != type(self).__name__:
             raise ValueError(
                 f"state dict was saved by {state['type']}, not {type(self).__name__}; build a "
@@ -417,13 +461,37 @@ class QuadraticRegularizer(ABC):
         params = dict(zip(self._names, self._params, strict=True))
         tensors = {k: state[k] for k, v in own.items() if isinstance(v, dict)}
         for key, saved in tensors.items():
+            if not isinstance(saved, Mapping):
+                raise ValueError(f"state dict {key!r} must map parameter names to tensors.")
             _check_names_shapes(saved, params, f"state dict {key!r}", partial=False)
-        mode_gamma = _check_mode_gamma(state["mode"], state["gamma"])
-        self.lam = state["lam"]
-        self.mode, self.gamma = mode_gamma
-        self.n_tasks, self._constant = int(state["n_tasks"]), float(state["constant"])
+            _check_finite(saved, f"state dict {key!r}")
+        if not self.signed_importance:
+            negative = [n for n, t in tensors["importance"].items() if bool((t < 0).any())]
+            if negative:
+                raise ValueError(
+                    f"state dict 'importance' is negative in {negative}; {type(self).__name__} "
+                    "importance is >= 0. The state is corrupt or was edited."
+                )
+        mode, gamma = _check_mode_gamma(state["mode"], state["gamma"])
+        lam = _check_lam(state["lam"])
+        n_tasks, constant = state["n_tasks"], state["constant"]
+        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 0:
+            raise ValueError(f"state dict 'n_tasks' must be an int >= 0; got {n_tasks!r}.")
+        if isinstance(constant, bool) or not isinstance(constant, (int, float)):
+            raise ValueError(f"state dict 'constant' must be a number; got {constant!r}.")
+        if not (math.isfinite(constant) and constant >= 0):
+            raise ValueError(f"state dict 'constant' must be finite and >= 0; got {constant!r}.")
+        self._check_extra_state(state)
+        self._follow_model()
+        self.lam, self.mode, self.gamma = lam, mode, gamma
+        self.n_tasks, self._constant = n_tasks, float(constant)
         for key, saved in tensors.items():
-            torch._foreach_copy_(self._state_tensors(key), [saved[n] for n in self._names])
+            for own_t, n in zip(self._state_tensors(key), self._names, strict=True):
+                own_t.copy_(saved[n])  # copy_ converts device and dtype
+
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:  # noqa: B027 (a hook)
+        """Validate a subclass's own scalars in ``state`` (before :meth:`load_state_dict`
+        changes anything); nothing to check here."""
 
     def _state_tensors(self, key: str) -> list[Tensor]:
         """The stored tensors behind ``state_dict()[key]`` (a per-parameter dict)."""
@@ -528,6 +596,8 @@ class EWC(QuadraticRegularizer):
         fisher_samples: use at most this many samples for the Fisher (``None``: all).
         likelihood: ``"categorical"``, ``"gaussian"`` or a likelihood object.
         forward: ``forward(model, batch) -> (output, target)``; default ``model(x), y``.
+        distributed: all-reduce the Fisher over ranks when a ``torch.distributed`` process
+            group is initialised (default), so every rank holds the same penalty.
     """
 
     def __init__(
@@ -541,6 +611,7 @@ class EWC(QuadraticRegularizer):
         fisher_samples: int | None = None,
         likelihood: Any = "categorical",
         forward: Forward | None = None,
+        distributed: bool = True,
     ) -> None:
         if fisher not in FISHER_KINDS:
             raise ValueError(f"unknown fisher={fisher!r}; choose one of {', '.join(FISHER_KINDS)}.")
@@ -559,6 +630,7 @@ class EWC(QuadraticRegularizer):
         self.fisher_samples = fisher_samples
         self.likelihood = likelihood
         self.forward = forward
+        self.distributed = distributed
 
     def task_importance(self, batches: Iterable[Any] | None) -> dict[str, Tensor]:
         """The diagonal Fisher of the current model on ``batches`` (the task just learned)."""
@@ -574,6 +646,7 @@ class EWC(QuadraticRegularizer):
             likelihood=self.likelihood,
             n_samples=self.fisher_samples,
             forward=self.forward,
+            distributed=self.distributed,
         )
 
 
@@ -631,6 +704,8 @@ class SI(QuadraticRegularizer):
     """
 
     default_mode = "online"
+    signed_importance = True
+    _per_parameter = ("_omega", "_anchor", "_path", "_start", "_previous")
 
     def __init__(
         self,
@@ -651,6 +726,7 @@ class SI(QuadraticRegularizer):
     @torch.no_grad()
     def after_step(self) -> None:
         """``ω += -p.grad · (p - p_previous)``; ``p_previous = p``. Call after EVERY step."""
+        self._follow_model()
         live = [
             (p, w, q)
             for p, w, q in zip(self._params, self._path, self._previous, strict=True)
@@ -693,9 +769,12 @@ class SI(QuadraticRegularizer):
             return list(getattr(self, f"_{key}"))
         return super()._state_tensors(key)
 
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        _check_positive("xi", state["xi"], "The state dict's 'xi' is SI's damping.")
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        self.xi = _check_positive("xi", state["xi"], "The state dict's 'xi' is SI's damping.")
+        self.xi = float(state["xi"])
 
 
 class MAS(QuadraticRegularizer):
@@ -723,6 +802,7 @@ class MAS(QuadraticRegularizer):
         forward: ``forward(model, batch) -> (output, target)``; default ``model(x), y``.
         method: ``"auto"`` (hooks, switching to ``"func"`` where they cannot split the model),
             ``"hooks"`` or ``"func"``, as in :func:`ewc.fisher_diagonal`.
+        distributed: all-reduce over ranks under ``torch.distributed``, as :class:`EWC`.
     """
 
     default_mode = "online"
@@ -736,12 +816,14 @@ class MAS(QuadraticRegularizer):
         mode: str | None = None,
         gamma: float = 1.0,
         method: str = "auto",
+        distributed: bool = True,
     ) -> None:
         super().__init__(model, lam, mode=mode, gamma=gamma)
         if method not in _MAS_METHODS:
             raise ValueError(f"method={method!r} is not one of {list(_MAS_METHODS)}; pass one.")
         self.forward = forward
         self.method = method
+        self.distributed = distributed
 
     def task_importance(self, batches: Iterable[Any] | None) -> dict[str, Tensor]:
         """Mean per-sample :math:`|\\nabla_\\theta\\|f(x)\\|^2|` over ``batches``."""
@@ -760,7 +842,9 @@ class MAS(QuadraticRegularizer):
             rng=SeededGenerator(0),  # unused: nothing is sampled
             power=1,
         )
-        return sample_mean(request, batches, self.method, what="MAS importance")
+        return sample_mean(
+            request, batches, self.method, what="MAS importance", distributed=self.distributed
+        )
 
 
 @dataclass(frozen=True)
@@ -772,20 +856,60 @@ class _OutputNormRequest(Request):
         return iter([2 * output.detach()])
 
 
-# ---------------------------------------------------------------------------- by name
-
-REGULARIZERS: dict[str, type[QuadraticRegularizer]] = {
-    "ewc": EWC,
-    "online-ewc": OnlineEWC,
-    "si": SI,
-    "mas": MAS,
-    "l2": L2,
-}
+# ---------------------------------------------------------------------------- the registry
 
 
-def make_regularizer(name: str, model: nn.Module, **kwargs: Any) -> QuadraticRegularizer:
-    """Build a regularizer by name: ``"ewc"``, ``"online-ewc"``, ``"si"``, ``"mas"``, ``"l2"``;
-    ``kwargs`` go to its constructor (``lam`` is required)."""
+@dataclass(frozen=True)
+class Strategy:
+    """A regularizer as the runner, the command line, the configs and the docs know it.
+
+    Attributes:
+        name: the strategy's name (``--strategy``, ``make_regularizer``).
+        build: the class (or any callable ``build(model, lam=..., **options)``).
+        generic_lam: the untuned fallback λ, used where a benchmark's protocol has none.
+        options: constructor keywords the runner passes from the ``RunConfig`` fields of the
+            same names (e.g. ``("fisher", "gamma")``).
+        uses_data: ``consolidate`` reads the task's batches (so ``fisher_samples`` and the
+            runner's output masks apply; the runner passes ``forward``).
+        proximal: has ``proximal_step`` (``--penalty proximal``).
+        summary: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    build: Callable[..., Regularizer]
+    generic_lam: float
+    options: tuple[str, ...] = ()
+    uses_data: bool = False
+    proximal: bool = True
+    summary: str = ""
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """Every RunConfig field this strategy reads besides the common ones."""
+        return ("lam", *self.options, *(("fisher_samples",) if self.uses_data else ()))
+
+
+#: name -> :class:`Strategy`; :func:`register` adds one (a new method is one class and one call).
+REGULARIZERS: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    """Add ``strategy`` to :data:`REGULARIZERS` (replacing one of the same name)."""
+    REGULARIZERS[strategy.name] = strategy
+    return strategy
+
+
+register(Strategy("ewc", EWC, 1e4, ("fisher",), True, summary="EWC, one penalty per task"))
+register(Strategy("online-ewc", OnlineEWC, 1e4, ("fisher", "gamma"), True, summary="online EWC"))
+register(Strategy("si", SI, 1e3, ("xi",), summary="Synaptic Intelligence"))
+register(Strategy("mas", MAS, 0.1, (), True, summary="Memory Aware Synapses"))
+register(Strategy("l2", L2, 1e-3, summary="L2 distance to the old solutions"))
+
+
+def make_regularizer(name: str, model: nn.Module, **kwargs: Any) -> Regularizer:
+    """Build a registered regularizer by name (:data:`REGULARIZERS`: ``"ewc"``,
+    ``"online-ewc"``, ``"si"``, ``"mas"``, ``"l2"``, ``"kfac"``, ...); ``kwargs`` go to its
+    constructor (``lam`` is required)."""
     if name not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {name!r}; choose one of {', '.join(REGULARIZERS)}.")
-    return REGULARIZERS[name](model, **kwargs)
+    return REGULARIZERS[name].build(model, **kwargs)

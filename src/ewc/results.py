@@ -1,7 +1,8 @@
 """Results files: one JSON per run (schema ``ewc.results/1``, see docs/design.md) and CSV summaries.
 
 Every write goes to a temporary file in the destination folder and is renamed into place, so an
-interrupted run never leaves a half-written file behind.
+interrupted run never leaves a half-written file behind. Under ``torchrun`` only rank 0 writes
+(every rank computes the same results; :mod:`ewc.distributed`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import reprlib
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ewc import distributed
+from ewc.config import Range
 
 RESULTS_SCHEMA = "ewc.results/1"
 SWEEP_SCHEMA = "ewc.sweep/1"
@@ -24,8 +30,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary sibling file and an atomic rename.
 
     The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    In a process group of several processes only rank 0 writes; the others return ``path``.
     """
     path = Path(path)
+    if not distributed.is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -44,6 +53,40 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written; found before any work is done."""
+
+
+def check_output(
+    path: str | os.PathLike[str],
+    *,
+    folder: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
+    """Make sure ``path`` (a file, or with ``folder`` a folder) can be written, before the work
+    that produces it: its folder is created and a file is created in it and removed. Raises
+    :class:`OutputError` when ``path`` is a folder (a file is wanted) or a file (a folder is
+    wanted), lies under a file, cannot be created, or is one of ``inputs``."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputError(f"output folder {str(path)!r} is a file; name a folder")
+    if not folder and path.is_dir():
+        raise OutputError(f"output file {str(path)!r} is a folder; name a file in it")
+    if any(path.resolve() == Path(i).resolve() for i in inputs):
+        raise OutputError(f"output {str(path)!r} is also an input; write it somewhere else")
+    parent = path if folder else path.parent
+    above = next(p for p in (parent, *parent.parents) if p.exists() or p == p.parent)
+    if not above.is_dir():
+        raise OutputError(f"output {str(path)!r} lies under {str(above)!r}, which is a file")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write to {str(parent)!r}: {e.strerror or e}") from None
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -55,22 +98,237 @@ def save_results(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pat
     return atomic_write_text(path, json.dumps(result, indent=1, allow_nan=False) + "\n")
 
 
+class ResultsError(ValueError):
+    """A results or sweep file that is not one of ours, or is malformed; names the file and key."""
+
+
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a results (or sweep) JSON file, checking that it is one of ours."""
+    """Read a results (or sweep) JSON file, checking that it is one of ours and that every key
+    the summaries and the report read is there, of the right type, shape and range
+    (:func:`check_results`). Raises :class:`ResultsError` (or FileNotFoundError) naming it."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"results file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); rerun the experiment") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResultsError(f"cannot read results file {str(path)!r}: {e}") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ResultsError(f"{str(path)!r} is nested too deeply to be a results file") from None
+    except ValueError as e:
+        raise ResultsError(f"{str(path)!r} is not valid JSON ({e}); rerun the experiment") from None
+    check_results(data, str(path))
+    return data
+
+
+def check_results(data: Any, source: str = "results") -> None:
+    """Check a results (``ewc.results/1``) or sweep (``ewc.sweep/1``) document; raise
+    :class:`ResultsError` naming ``source`` and the first bad key."""
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema not in (RESULTS_SCHEMA, SWEEP_SCHEMA):
-        raise ValueError(
-            f"{str(path)!r} is not an ewc results file (schema {schema!r}, expected "
+        raise ResultsError(
+            f"{source!r} is not an ewc results file (schema {_short(schema)}, expected "
             f"{RESULTS_SCHEMA!r} or {SWEEP_SCHEMA!r})"
         )
-    return data
+    problem = _mismatch(data, _RESULTS if schema == RESULTS_SCHEMA else _SWEEP, "")
+    if problem is None:
+        problem = _results_shapes(data) if schema == RESULTS_SCHEMA else _sweep_shapes(data)
+    if problem is not None:
+        raise ResultsError(f"{source!r} is malformed: {problem}; rerun the experiment")
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _short(value: Any) -> str:
+    return reprlib.repr(value)
+
+
+# A spec is a type (or tuple of types), a Range (a finite number in it), [spec] (a list of such
+# items), {key: spec} (a mapping with these keys; "key?" optional; other keys allowed) or
+# {"*": spec} (a mapping whose every value matches).
+_NUMBER = Range()
+_FRACTION = Range(0, 1)
+_CHANGE = (Range(-1, 1), type(None))  # BWT, FWT, forgetting: None for a single task
+_RESULTS: dict[str, Any] = {
+    "strategy": str,
+    "seed": int,
+    "benchmark": str,
+    "scenario": str,
+    "config": {},
+    "task_names": [str],
+    "accuracy_matrix": [[_FRACTION]],
+    "random_init_accuracy": [_FRACTION],
+    "metrics": {"acc": _FRACTION, "bwt": _CHANGE, "fwt": _CHANGE, "forgetting": _CHANGE},
+    "curves?": {
+        "step": [int],
+        "task_boundaries": [int],
+        "accuracy": [[_FRACTION]],
+        "loss?": [(_NUMBER, type(None))],
+        "penalty?": [(_NUMBER, type(None))],
+    },
+    "importance?": [
+        {
+            "task": int,
+            "layers": {"*": {"log10_edges": [Range(-300, 300)], "counts": [Range(0)]}},
+            "input_importance?": {"shape": [Range(1)], "values": [_NUMBER]},
+        }
+    ],
+    "timings?": {"*": _NUMBER},
+    "versions?": {"*": str},
+    "created?": str,
+}
+_SWEEP: dict[str, Any] = {
+    "param?": str,
+    "strategy?": str,
+    "benchmark?": str,
+    "chosen?": _NUMBER,
+    "final?": str,
+    "points": [
+        {
+            "value": _NUMBER,
+            "error?": str,
+            "val_acc?": _FRACTION,
+            "val_old_acc?": _FRACTION,
+            "val_new_acc?": _FRACTION,
+        }
+    ],
+}
+_SWEEP_ACCURACIES = ("val_acc", "val_old_acc", "val_new_acc")
+
+
+def _mismatch(value: Any, spec: Any, where: str) -> str | None:
+    """Where ``value`` first departs from ``spec`` and how, or None."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the document'} should be a mapping, not {_short(value)}"
+        keys = (
+            [(k, spec["*"], False) for k in value]
+            if list(spec) == ["*"]
+            else [(k.rstrip("?"), item, k.endswith("?")) for k, item in spec.items()]
+        )
+        for name, item, optional in keys:
+            if name not in value:
+                if optional:
+                    continue
+                return f"key {where + name!r} is missing"
+            problem = _mismatch(value[name], item, f"{where}{name}.")
+            if problem is not None:
+                return problem
+        return None
+    where = where.rstrip(".")
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            return f"{where!r} should be a list, not {_short(value)}"
+        return next(
+            (p for i, v in enumerate(value) if (p := _mismatch(v, spec[0], f"{where}[{i}]."))),
+            None,
+        )
+    specs = spec if isinstance(spec, tuple) else (spec,)
+    if any(_matches(value, s) for s in specs):
+        return None
+    return f"{where!r} should be {' or '.join(map(_describe, specs))}, not {_short(value)}"
+
+
+def _matches(value: Any, spec: Any) -> bool:
+    if isinstance(value, bool) and spec is not bool:
+        return False  # JSON true is not a number
+    if isinstance(spec, Range):
+        return isinstance(value, int | float) and value in spec
+    return isinstance(value, spec)
+
+
+def _describe(spec: Any) -> str:
+    if isinstance(spec, Range):
+        return f"a number {spec}".rstrip()
+    return {str: "a string", int: "an integer", type(None): "null"}.get(spec, spec.__name__)
+
+
+def _sweep_shapes(data: dict[str, Any]) -> str | None:
+    """Each sweep point either failed (``error``) or has its three validation accuracies."""
+    for i, point in enumerate(data["points"]):
+        if "error" not in point and not all(k in point for k in _SWEEP_ACCURACIES):
+            return f"'points[{i}]' has neither an error nor {', '.join(_SWEEP_ACCURACIES)}"
+    return None
+
+
+def _results_shapes(data: dict[str, Any]) -> str | None:
+    """The sizes that must agree in a results document: T tasks, a T x T matrix, ..."""
+    t = len(data["task_names"])
+    rows = data["accuracy_matrix"]
+    if t == 0 or len(rows) != t or any(len(row) != t for row in rows):
+        return f"'accuracy_matrix' should be {t} x {t} for {t} task names"
+    if len(data["random_init_accuracy"]) != t:
+        return f"'random_init_accuracy' should hold {t} accuracies"
+    curves = data.get("curves")
+    if curves:
+        if any(len(a) != t for a in curves["accuracy"]):
+            return f"'curves.accuracy' should hold rows of {t} accuracies"
+        for key in ("accuracy", "loss", "penalty"):
+            if len(curves.get(key, curves["step"])) != len(curves["step"]):
+                return f"'curves.{key}' should hold one entry per step"
+    for entry in data.get("importance", []):
+        image = entry.get("input_importance")
+        if not 0 <= entry["task"] < t:
+            return f"'importance' names task {entry['task']} of {t}"
+        if image and len(image["values"]) != math.prod(image["shape"]):
+            return "'importance.input_importance' values do not fill its shape"
+        for name, layer in entry["layers"].items():
+            if len(layer["counts"]) + 1 != len(layer["log10_edges"]):
+                return f"'importance.layers.{name}' should have one edge more than counts"
+    return None
+
+
+def stand_in(result: Mapping[str, Any]) -> Mapping[str, str] | None:
+    """What a run stood in for and why, ``{"for": benchmark, "reason": ...}``, or None.
+
+    Recorded in its config (``extra["stand_in"]``) by whoever chose the stand-in: the demo runs
+    the offline permuted digits when the Fashion-MNIST / MNIST files are missing.
+    """
+    config = result.get("config")
+    extra = config.get("extra") if isinstance(config, Mapping) else None
+    note = extra.get("stand_in") if isinstance(extra, Mapping) else None
+    return note if isinstance(note, Mapping) else None
+
+
+#: Config keys that may differ between runs of one experiment: where the data were, the device.
+_INCIDENTAL = ("seed", "data_dir", "download", "device", "extra")
+
+
+def check_comparable(runs: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse runs that summaries would wrongly average as seeds of one strategy: two runs of
+    a strategy with the same seed, or with configs that differ in more than the seed (and
+    :data:`_INCIDENTAL` keys). Raises :class:`ResultsError` naming the strategy and the key."""
+    first: dict[str, Mapping[str, Any]] = {}
+    seeds: dict[str, list[Any]] = {}
+    for run in runs:
+        strategy, seed = str(run.get("strategy")), run.get("seed")
+        if seed in seeds.setdefault(strategy, []):
+            raise ResultsError(
+                f"two {strategy} runs with seed {seed}: they would count as two seeds; give "
+                "each run once (runs of different settings belong in different reports)"
+            )
+        seeds[strategy].append(seed)
+        config = _essential(run.get("config"))
+        other = _essential(first.setdefault(strategy, run).get("config"))
+        differ = sorted(k for k in config.keys() | other.keys() if config.get(k) != other.get(k))
+        if differ:
+            key = differ[0]
+            raise ResultsError(
+                f"{strategy} runs differ in {key!r} ({_short(other.get(key))} and "
+                f"{_short(config.get(key))}), not only in the seed: they cannot be averaged; "
+                "report them separately"
+            )
+
+
+def _essential(config: Any) -> dict[str, Any]:
+    """A run's config without the :data:`_INCIDENTAL` keys."""
+    if not isinstance(config, Mapping):
+        return {}
+    return {k: v for k, v in config.items() if k not in _INCIDENTAL}
 
 
 def summary_rows(results: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -29,22 +29,32 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ewc import __version__
+from ewc import __version__, distributed
+from ewc._optional import require
+from ewc.config import ConfigError, check_device, check_fields
 from ewc.data.datasets import to_float
 from ewc.data.streams import BENCHMARKS, Task, TaskStream, make_stream
+from ewc.kfac import KFAC  # noqa: F401 (importing it registers the "kfac" strategy)
 from ewc.metrics import compute_metrics
 from ewc.models import MODEL_NAMES, build_model
-from ewc.regularizers import QuadraticRegularizer, make_regularizer
+from ewc.regularizers import (
+    REGULARIZERS,
+    QuadraticRegularizer,
+    Regularizer,
+    make_regularizer,
+)
 from ewc.results import (
     RESULTS_SCHEMA,
     SWEEP_SCHEMA,
+    check_output,
     load_results,
     save_results,
     write_summary_csv,
 )
 
-STRATEGIES = ("naive", "joint", "ewc", "online-ewc", "si", "mas", "l2")
-REGULARIZED = ("ewc", "online-ewc", "si", "mas", "l2")
+#: The registered regularizers (:data:`ewc.regularizers.REGULARIZERS`), and all strategies.
+REGULARIZED = tuple(REGULARIZERS)
+STRATEGIES = ("naive", "joint", *REGULARIZED)
 OPTIMIZERS = ("adam", "sgd")
 FISHER_KINDS = ("exact", "sampled", "empirical", "batched")
 PENALTY_PATHS = ("grad", "autograd", "proximal")
@@ -98,19 +108,57 @@ BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
         lr=1e-4,
         lam={"ewc": 1e2, "online-ewc": 1e2, "si": 1e2},
     ),
-    "split-digits": _DIGITS,
+    # The digits benchmarks' strengths: chosen on validation for every scenario, 3 seeds
+    # (scripts/choose_defaults.py; docs/defaults.md says where a regularizer cannot help).
+    "split-digits": dict(
+        _DIGITS,
+        lam={
+            "ewc/task": 1e3,
+            "ewc/domain": 1e3,
+            "ewc/class": 1.0,
+            "online-ewc/task": 1e3,
+            "online-ewc/domain": 1e2,
+            "online-ewc/class": 1.0,
+            "si/task": 1e2,
+            "si/domain": 10.0,
+            "si/class": 0.1,
+            "mas/task": 0.1,
+            "mas/domain": 0.01,
+            "mas/class": 0.1,
+            "l2/task": 1e-4,
+            "l2/domain": 1e-4,
+            "l2/class": 10.0,
+        },
+    ),
     # SGD: with Adam, EWC barely holds the first task here (docs/results.md).
-    "permuted-digits": dict(_DIGITS, lr=0.05, optimizer="sgd", lam={"ewc": 1e4}),
+    "permuted-digits": dict(
+        _DIGITS,
+        lr=0.05,
+        optimizer="sgd",
+        lam={
+            "ewc/task": 1e2,
+            "ewc/domain": 10.0,
+            "ewc/class": 10.0,
+            "online-ewc/task": 1e2,
+            "online-ewc/domain": 10.0,
+            "online-ewc/class": 10.0,
+            "si/task": 10.0,
+            "si/domain": 1.0,
+            "si/class": 1.0,
+            "mas/task": 0.1,
+            "mas/domain": 0.01,
+            "mas/class": 0.01,
+            "l2/task": 1e-3,
+            "l2/domain": 0.01,
+            "l2/class": 1e-4,
+        },
+    ),
 }
-#: Untuned fallbacks: the values chosen for task-incremental Split MNIST.
-GENERIC_LAM = {"ewc": 1e4, "online-ewc": 1e4, "si": 1e3, "mas": 0.1, "l2": 1e-3}
+#: Untuned fallbacks, from the registry (the values chosen for task-incremental Split MNIST).
+GENERIC_LAM = {name: strategy.generic_lam for name, strategy in REGULARIZERS.items()}
 _GLOBAL_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(400, 400), epochs=1.0, batch_size=128, lr=1e-3, optimizer="adam"
 )
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work; the message names the value and the fix."""
 
 
 @dataclass
@@ -174,6 +222,10 @@ class RunConfig:
     penalty: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Coerce each field to its type and check its range (:func:`ewc.config.check_fields`)."""
+        check_fields(self)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Build from a plain dict (a YAML/TOML config), rejecting unknown keys."""
@@ -184,9 +236,6 @@ class RunConfig:
                 f"unknown config key(s) {', '.join(map(repr, unknown))}; "
                 f"valid keys: {', '.join(sorted(known - {'extra'}))}"
             )
-        values = dict(values)
-        if values.get("hidden") is not None:
-            values["hidden"] = tuple(int(h) for h in values["hidden"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,51 +250,121 @@ def _choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
-    """Fill unset fields from the benchmark's protocol and validate every field up front."""
+    """Fill unset fields from the benchmark's protocol and validate every field up front.
+
+    Types and ranges are checked when the :class:`RunConfig` is built; this adds the choices
+    (strategy, model, ...), the device, and contradictions: both ``epochs`` and ``iterations``,
+    or a setting that the strategy never reads (:func:`unused_settings`).
+    """
     _choice("strategy", config.strategy, STRATEGIES)
+    if config.epochs is not None and config.iterations is not None:
+        raise ConfigError(
+            f"epochs={config.epochs:g} and iterations={config.iterations} both set; "
+            "set only one (iterations would override epochs)"
+        )
+    unused = unused_settings(config, [config.strategy])
+    if unused:
+        raise ConfigError(f"{unused[0]}; remove it or choose a strategy that uses it")
     protocol = BENCHMARK_DEFAULTS.get(config.benchmark, {})
     filled: dict[str, Any] = {}
     for name, default in {**_GLOBAL_DEFAULTS, **protocol}.items():
         if name not in ("lam", "iterations") and getattr(config, name) is None:
             filled[name] = default
     scenario = config.scenario
-    if scenario is None and config.benchmark in BENCHMARKS:
-        scenario = filled["scenario"] = BENCHMARKS[config.benchmark].default_scenario
+    if config.benchmark in BENCHMARKS:
+        spec = BENCHMARKS[config.benchmark]
+        scenario = filled["scenario"] = scenario or spec.default_scenario
+        _choice(f"scenario for {config.benchmark}", scenario, spec.scenarios)
+        if config.n_tasks is not None and config.n_tasks > (spec.max_n_tasks or config.n_tasks):
+            raise ConfigError(
+                f"n_tasks: {config.benchmark} has at most {spec.max_n_tasks} tasks, "
+                f"got {config.n_tasks}"
+            )
     if config.lam is None and config.strategy in REGULARIZED:
         table = protocol.get("lam", {})
         fallback = table.get(config.strategy, GENERIC_LAM[config.strategy])
         filled["lam"] = table.get(f"{config.strategy}/{scenario}", fallback)
-    if config.iterations is None and "iterations" in protocol and config.epochs is None:
+    if config.iterations is not None:
+        filled.pop("epochs", None)  # the protocol's epochs would contradict the given iterations
+    elif "iterations" in protocol and config.epochs is None:
         filled["iterations"] = protocol["iterations"]
-    if config.penalty is None:
+    proximal = config.strategy not in REGULARIZERS or REGULARIZERS[config.strategy].proximal
+    if config.penalty is None and config.strategy in REGULARIZERS:  # naive, joint: no penalty
         optimizer = config.optimizer or protocol.get("optimizer", _GLOBAL_DEFAULTS["optimizer"])
-        filled["penalty"] = "proximal" if optimizer == "sgd" else "grad"
+        filled["penalty"] = "proximal" if optimizer == "sgd" and proximal else "grad"
     cfg = dataclasses.replace(config, **filled)
     _choice("model", cfg.model, MODEL_NAMES)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("fisher kind", cfg.fisher, FISHER_KINDS)
-    _choice("penalty path", cfg.penalty, PENALTY_PATHS)
+    if cfg.penalty is not None:
+        _choice("penalty path", cfg.penalty, PENALTY_PATHS if proximal else ("grad", "autograd"))
     _choice("evaluate_on", cfg.evaluate_on, ("test", "val"))
-    positive = dict(batch_size=cfg.batch_size, lr=cfg.lr, curve_samples=cfg.curve_samples)
-    if cfg.iterations is not None:
-        positive["iterations"] = cfg.iterations
-    else:
-        positive["epochs"] = cfg.epochs
-    for opt in ("eval_every", "fisher_samples", "max_train_samples", "n_tasks"):
-        if getattr(cfg, opt) is not None:
-            positive[opt] = getattr(cfg, opt)
-    for name, value in positive.items():
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name} must be a positive number, got {value!r}")
-    if cfg.lam is not None and not (math.isfinite(cfg.lam) and cfg.lam >= 0):
-        raise ConfigError(f"lam must be a finite number >= 0, got {cfg.lam!r}")
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available; use cpu")
-    if not 0 <= cfg.val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction!r}")
+    check_device(cfg.device)
     if cfg.evaluate_on == "val" and cfg.val_fraction == 0:
         raise ConfigError("evaluate_on='val' needs a validation split: set val_fraction > 0")
+    if cfg.strategy in REGULARIZERS:
+        try:  # the regularizer's own checks, on a stand-in model, before any data is loaded
+            _make_regularizer(cfg, nn.Linear(1, 1))
+        except ValueError as e:
+            raise ConfigError(f"strategy {cfg.strategy!r}: {e}") from None
     return cfg
+
+
+#: Settings that only some strategies read: field -> the strategies that read it (from the
+#: registry's :attr:`~ewc.regularizers.Strategy.settings`).
+STRATEGY_SETTINGS: dict[str, tuple[str, ...]] = {
+    name: tuple(s for s, strategy in REGULARIZERS.items() if name in strategy.settings)
+    for name in dict.fromkeys(f for strategy in REGULARIZERS.values() for f in strategy.settings)
+} | {"penalty": REGULARIZED}  # how the penalty enters each step: the runner's, for every one
+
+
+def unused_settings(config: RunConfig, strategies: Sequence[str]) -> list[str]:
+    """The settings of ``config`` changed from their defaults (the field's, or the benchmark
+    protocol's) that none of ``strategies`` reads, each as ``"name=value is read only by ..."``.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    protocol = BENCHMARK_DEFAULTS.get(config.benchmark, {})
+    return [
+        f"{name}={getattr(config, name)!r} is read only by {', '.join(users)}, "
+        f"not by {', '.join(strategies)}"
+        for name, users in STRATEGY_SETTINGS.items()
+        if getattr(config, name) not in (None, defaults[name], protocol.get(name))
+        and not set(users) & set(strategies)
+    ]
+
+
+def applicable_settings(
+    cfg: RunConfig, own_model: bool = False, own_stream: bool = False
+) -> dict[str, Any]:
+    """The fields of a resolved config that matter to its run, as plain values, for reports:
+    ``hidden`` only for the built-in MLP, ``epochs`` or ``iterations`` (whichever counts), λ and
+    the penalty path only for regularizers, γ for online EWC, ξ for SI, the Fisher's settings for
+    EWC, the data folder for benchmarks read from files, validation settings with a split, and
+    options left unset (``None``: the default behaviour) not at all. ``own_model``: a model
+    given to :func:`run` (its name and widths do not apply); ``own_stream``: a stream given to
+    it (the benchmark name, task count and data settings do not).
+    """
+    settings = cfg.to_dict()
+    unused = {"iterations"} if cfg.iterations is None else {"epochs"}
+    if cfg.model != "mlp" or own_model:
+        unused.add("hidden")
+    if own_model:
+        unused.add("model")
+    if cfg.strategy not in REGULARIZED:
+        unused |= {"lam", "penalty"}
+    if cfg.strategy != "online-ewc":
+        unused.add("gamma")
+    if cfg.strategy != "si":
+        unused.add("xi")
+    if cfg.strategy not in ("ewc", "online-ewc"):
+        unused |= {"fisher", "fisher_samples"}
+    if own_stream:
+        unused |= {"benchmark", "n_tasks"}
+    if own_stream or cfg.benchmark.endswith("-digits"):
+        unused |= {"data_dir", "download"}
+    if cfg.val_fraction == 0:
+        unused |= {"val_fraction", "evaluate_on"}
+    return {k: v for k, v in settings.items() if k not in unused and v is not None and v != {}}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -317,11 +436,24 @@ class _Masks:
         return self.train(stage, task)
 
 
+def parameter_labels(model: nn.Module) -> dict[str, str]:
+    """Each parameter's name mapped to its module path, module type, name and shape:
+    ``"7.bias"`` -> ``"7: Linear.bias (768)"``."""
+    labels = {}
+    for path, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            shape = "×".join(map(str, p.shape))
+            key = f"{path}.{name}" if path else name
+            labels[key] = f"{path or '(model)'}: {type(module).__name__}.{name} ({shape})"
+    return labels
+
+
 def _importance_summary(
     importance: dict[str, Tensor], model: nn.Module, input_shape: Sequence[int], task: int
 ) -> dict[str, Any]:
-    """Per-layer log10 histograms of an importance dict, and per-pixel importance of a first
-    Linear layer on images (summed over its output units)."""
+    """Per-layer log10 histograms of an importance dict (each with a ``label`` a reader
+    understands, see :func:`parameter_labels`), and per-pixel importance of a first Linear layer
+    on images (summed over its output units)."""
     positive = torch.cat([v.flatten() for v in importance.values()])
     positive = positive[positive > 0]
     lo, hi = (
@@ -331,11 +463,13 @@ def _importance_summary(
     )
     edges = torch.linspace(math.floor(lo), math.ceil(hi) + 1e-9, 41, dtype=torch.float64)
     layers = {}
+    labels = parameter_labels(model)
     for name, value in importance.items():
         v = value.detach().double().flatten().cpu()
         logv = v[v > 0].log10()
         counts = torch.histogram(logv, bins=edges).hist if len(logv) else torch.zeros(40)
         layers[name] = {
+            "label": labels.get(name, name),
             "log10_edges": edges.tolist(),
             "counts": [int(c) for c in counts],
             "zeros": int((v <= 0).sum()),
@@ -395,7 +529,7 @@ def run(
     # Filled by resolve_config; asserted for the type checker.
     assert cfg.model is not None and cfg.batch_size is not None and cfg.lr is not None
     t_start = time.perf_counter()
-    device = torch.device(cfg.device)
+    device = distributed.setup(torch.device(cfg.device))
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if stream is None:
@@ -414,9 +548,10 @@ def run(
     if model is None:
         model = build_model(cfg.model, stream.input_shape, stream.n_outputs, cfg.hidden or ())
     model.to(device).train()
+    trained = distributed.wrap(model)  # DDP under torchrun; evaluation and Fisher use `model`
     optimizer = _make_optimizer(cfg.optimizer, cfg.lr, model)
     masks = _Masks(stream, device)
-    reg: QuadraticRegularizer | None = None
+    reg: Regularizer | None = None
     if cfg.strategy in REGULARIZED:
         reg = _make_regularizer(cfg, model)
 
@@ -442,7 +577,7 @@ def run(
         )
         for t, s in enumerate(train_sets)
     ]
-    bar = _progress_bar(progress, sum(steps_per_task), cfg)
+    bar = _progress_bar(progress and distributed.is_main_process(), sum(steps_per_task), cfg)
     for t in range(len(tasks)):
         boundaries.append(step)
         x, y, ids = _stage_data(train_sets, t, joint=cfg.strategy == "joint")
@@ -459,9 +594,10 @@ def run(
                 curve_acc.append(accuracies(t, cfg.curve_samples))
                 timings["eval_s"] += time.perf_counter() - tic
                 tic = time.perf_counter()
+            n_batch, idx = len(idx), distributed.shard(idx)
             active = masks.rows[ids[idx]] if per_sample else active_row
-            logits = _mask_logits(model(to_float(x[idx])), active)
-            loss = F.cross_entropy(logits, y[idx])
+            logits = _mask_logits(trained(to_float(x[idx])), active)
+            loss = _mean_loss(logits, y[idx], n_batch)
             if reg is not None and cfg.penalty == "autograd":
                 loss = loss + reg.penalty()
             optimizer.zero_grad(set_to_none=True)
@@ -471,6 +607,7 @@ def run(
             optimizer.step()
             if reg is not None:
                 if cfg.penalty == "proximal":
+                    assert isinstance(reg, QuadraticRegularizer)  # checked by resolve_config
                     reg.proximal_step(cfg.lr)
                 reg.after_step()
             step += 1
@@ -482,6 +619,7 @@ def run(
             order = torch.randperm(len(train_sets[t].y), generator=generator).to(device)
             if cfg.fisher_samples is not None:
                 order = order[: cfg.fisher_samples]
+            order = distributed.shard(order)  # each rank its part; the Fisher is all-reduced
             reg.consolidate(_Batches(train_sets[t].x, train_sets[t].y, active_row, 1024, order))
             timings["fisher_s"] += time.perf_counter() - tic
             importance.append(_importance_summary(reg.importance, model, stream.input_shape, t))
@@ -512,6 +650,15 @@ def run(
         "timings": timings,
         "importance": importance,
     }
+
+
+def _mean_loss(logits: Tensor, y: Tensor, n_batch: int) -> Tensor:
+    """Cross-entropy averaged over the global batch of ``n_batch`` samples. Under DDP each rank
+    holds a shard and DDP averages the ranks' gradients, so each rank's loss is its sum times
+    ``world_size / n_batch``: exact for shards of any size, an empty one included."""
+    if not distributed.active():
+        return F.cross_entropy(logits, y)
+    return F.cross_entropy(logits, y, reduction="sum") * (distributed.world_size() / n_batch)
 
 
 def _n_steps(cfg: RunConfig, n_samples: int) -> int:
@@ -551,20 +698,18 @@ def _make_optimizer(name: str | None, lr: float, model: nn.Module) -> torch.opti
     # PyTorch's fused kernels update each parameter in one pass instead of about ten: a loop on
     # the Permuted MNIST MLP runs 1.13-1.27x slower with the default Adam on CPU
     # (docs/benchmarks.md). Same update rule.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.SGD if name == "sgd" else torch.optim.Adam
-    return optimizer(params, lr=lr, fused=fused)
+    try:
+        return optimizer(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # a torch, device or dtype without the fused kernels
+        return optimizer(params, lr=lr)
 
 
-def _make_regularizer(cfg: RunConfig, model: nn.Module) -> QuadraticRegularizer:
-    kwargs: dict[str, Any] = {"lam": cfg.lam}
-    if cfg.strategy in ("ewc", "online-ewc"):
-        kwargs.update(fisher=cfg.fisher, forward=_masked_forward)
-    if cfg.strategy == "online-ewc":
-        kwargs["gamma"] = cfg.gamma
-    if cfg.strategy == "si":
-        kwargs["xi"] = cfg.xi
-    if cfg.strategy == "mas":
+def _make_regularizer(cfg: RunConfig, model: nn.Module) -> Regularizer:
+    """The strategy's regularizer, given the RunConfig fields its registry entry names."""
+    strategy = REGULARIZERS[cfg.strategy]
+    kwargs: dict[str, Any] = {"lam": cfg.lam, **{o: getattr(cfg, o) for o in strategy.options}}
+    if strategy.uses_data:
         kwargs["forward"] = _masked_forward
     return make_regularizer(cfg.strategy, model, **kwargs)
 
@@ -572,8 +717,7 @@ def _make_regularizer(cfg: RunConfig, model: nn.Module) -> QuadraticRegularizer:
 def _progress_bar(enabled: bool, total: int, cfg: RunConfig) -> Any:
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto", "cli").tqdm
     return tqdm(total=total, desc=f"{cfg.strategy} seed {cfg.seed}", unit="step", leave=False)
 
 
@@ -588,7 +732,7 @@ def result_path(out_dir: Path, strategy: str, seed: int) -> Path:
 def compare(
     config: RunConfig,
     strategies: Sequence[str],
-    seeds: Sequence[int],
+    seeds: Sequence[int | str],
     out_dir: str | Path,
     progress: bool = False,
     resume: bool = True,
@@ -596,25 +740,57 @@ def compare(
     """Run several strategies on identical seeds and data; write one results file per run as it
     finishes (so an interrupted comparison keeps what it finished) and ``summary.csv``.
 
+    Every run's settings and the output folder are checked before the first run starts: each
+    strategy and seed once, no setting that none of the strategies reads. A setting read by
+    some of the strategies only (``gamma``: online-ewc) is left at its default for the others.
     With ``resume``, a run whose results file exists with the same config is read, not rerun.
     """
-    for s in strategies:
-        _choice("strategy", s, STRATEGIES)
     if not strategies or not seeds:
         raise ConfigError("compare needs at least one strategy and one seed")
-    out = Path(out_dir)
-    results = []
-    for seed in seeds:
-        for strategy in strategies:
-            cfg = resolve_config(dataclasses.replace(config, strategy=strategy, seed=seed))
-            path = result_path(out, strategy, seed)
-            previous = _load_matching(path, cfg) if resume else None
-            result = previous or run(cfg, progress=progress)
-            if previous is None:
-                save_results(result, path)
-            results.append(result)
+    for s in strategies:
+        _choice("strategy", s, STRATEGIES)
+    unused = unused_settings(config, strategies)
+    if unused:
+        raise ConfigError(f"{unused[0]}; remove it or add a strategy that uses it")
+    configs = [
+        resolve_config(dataclasses.replace(config, **_run_update(s, seed)))
+        for seed in seeds
+        for s in strategies
+    ]
+    runs = [(c.strategy, c.seed) for c in configs]
+    twice = next((r for i, r in enumerate(runs) if r in runs[:i]), None)
+    if twice is not None:
+        raise ConfigError(
+            f"strategy {twice[0]!r} with seed {twice[1]} is given twice; it would count as "
+            "two seeds. List each strategy and each seed once."
+        )
+    out = check_output(out_dir, folder=True)
+    results = [
+        run_and_save(c, result_path(out, c.strategy, c.seed), progress, resume) for c in configs
+    ]
     write_summary_csv(results, out / "summary.csv")
     return results
+
+
+def _run_update(strategy: str, seed: int | str) -> dict[str, Any]:
+    """The fields of one run of :func:`compare`: its strategy and seed, and the defaults of the
+    settings that ``strategy`` does not read (:data:`STRATEGY_SETTINGS`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    unread = {n: defaults[n] for n, users in STRATEGY_SETTINGS.items() if strategy not in users}
+    return {**unread, "strategy": strategy, "seed": seed}
+
+
+def run_and_save(
+    cfg: RunConfig, path: str | Path, progress: bool = False, resume: bool = True
+) -> dict[str, Any]:
+    """The results of ``cfg``: read from ``path`` (a results JSON) if they are there with this
+    config and ``resume``, else run and saved there."""
+    previous = _load_matching(path, cfg) if resume else None
+    if previous is not None:
+        return previous
+    result = run(cfg, progress=progress)
+    save_results(result, path)
+    return result
 
 
 def _load_matching(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
@@ -627,36 +803,57 @@ def _load_matching(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
     return previous if previous.get("config") == cfg.to_dict() else None
 
 
+def _file_name(value: float) -> str:
+    """``value`` in a file name: short (``1000``, ``0.001``) where that reads back exactly, else
+    Python's shortest exact form, so two distinct values never share a file."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+#: The settings :func:`sweep` can choose: those that change what is learned.
+SWEEPABLE = ("lam", "gamma", "xi", "lr", "epochs", "iterations", "batch_size", "fisher_samples")
+
+
 def sweep(
     config: RunConfig,
-    grid: Sequence[float],
+    grid: Sequence[Any],
     out_dir: str | Path,
     param: str = "lam",
     val_fraction: float = 0.1,
     progress: bool = False,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Choose ``param`` (λ by default) on a validation split held out of the training data, then
     rerun with the chosen value and report test accuracy. Never looks at test data to choose.
 
     Writes ``out_dir/sweep.json`` (schema ewc.sweep/1), ``out_dir/<param>=<value>.json`` per grid
-    point (validation results) and ``out_dir/final.json`` (test results at the chosen value).
-    A grid point whose run fails (a diverged model) is recorded with its ``error`` and skipped.
+    point (validation results; distinct values never share a file) and ``out_dir/final.json``
+    (test results at the chosen value). Every grid point's settings and the output folder are
+    checked before the first run. A grid point whose run fails (a diverged model) is recorded
+    with its ``error`` and skipped. With ``resume``, a point whose results file exists with the
+    same config is read, not rerun.
     """
+    if param not in SWEEPABLE:
+        raise ConfigError(f"cannot sweep {param!r}; choose one of {', '.join(SWEEPABLE)}")
     if not grid:
         raise ConfigError(f"the {param} grid is empty; give values such as 1e2,1e3,1e4")
-    if param not in {f.name for f in dataclasses.fields(RunConfig)}:
-        raise ConfigError(f"cannot sweep unknown config field {param!r}")
-    out = Path(out_dir)
+    held_out = dataclasses.replace(config, val_fraction=val_fraction, evaluate_on="val")
+    configs = [resolve_config(dataclasses.replace(held_out, **{param: v})) for v in grid]
+    values = [getattr(c, param) for c in configs]
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"{param}={twice!r} is in the grid twice; list each value once")
+    resolve_config(dataclasses.replace(config, **{param: values[0]}))  # the final run's settings
+    out = check_output(out_dir, folder=True)
     points: list[dict[str, Any]] = []
-    for value in grid:
-        update: dict[str, Any] = {param: value, "val_fraction": val_fraction, "evaluate_on": "val"}
-        cfg = dataclasses.replace(config, **update)
+    for cfg, value in zip(configs, values, strict=True):
         try:
-            result = run(cfg, progress=progress)
+            result = run_and_save(cfg, out / f"{param}={_file_name(value)}.json", progress, resume)
+        except ConfigError:  # a setting that the data refuse (e.g. too few samples to hold out)
+            raise
         except ValueError as e:  # e.g. a penalty too stiff for the step size: NaN weights
             points.append({"value": value, "error": str(e)})
             continue
-        save_results(result, out / f"{param}={value:g}.json")
         last = result["accuracy_matrix"][-1]
         points.append(
             {
@@ -670,15 +867,15 @@ def sweep(
     if not finished:
         raise ConfigError(f"every {param} in the grid failed: {points[0]['error']}")
     chosen = max(finished, key=lambda p: p["val_acc"])["value"]
-    update = {param: chosen}
-    final = run(dataclasses.replace(config, **update), progress=progress)
-    final_path = save_results(final, out / "final.json")
+    final_cfg = resolve_config(dataclasses.replace(config, **{param: chosen}))
+    final_path = out / "final.json"
+    run_and_save(final_cfg, final_path, progress, resume)
     summary = {
         "schema": SWEEP_SCHEMA,
         "param": param,
         "strategy": config.strategy,
         "benchmark": config.benchmark,
-        "grid": list(grid),
+        "grid": values,
         "points": points,
         "chosen": chosen,
         "final": str(final_path),

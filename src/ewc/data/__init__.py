@@ -7,6 +7,7 @@ from ewc.data.sources import (
     cache_dir,
     download_dataset,
     find_dataset,
+    find_datasets,
     verify_file,
 )
 from ewc.data.streams import (
@@ -30,6 +31,7 @@ __all__ = [
     "cache_dir",
     "download_dataset",
     "find_dataset",
+    "find_datasets",
     "iterate_batches",
     "load_dataset",
     "make_stream",

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ewc.data.idx import read_idx
-from ewc.data.sources import dataset_files, find_dataset
+from ewc._optional import require
+from ewc.data.idx import parse_idx
+from ewc.data.sources import dataset_files, find_dataset, verified_content
 
 __all__ = [
     "DATASETS",
@@ -123,7 +124,9 @@ def load_dataset(
     files = dataset_files(find_dataset(name, data_dir, download), name)
     images = files[f"{_IDX_PREFIX[split]}-images-idx3-ubyte"]
     labels = files[f"{_IDX_PREFIX[split]}-labels-idx1-ubyte"]
-    return _read_pair(str(images), str(labels), _file_version(images), _file_version(labels))
+    return _read_pair(
+        name, split, str(images), str(labels), _file_version(images), _file_version(labels)
+    )
 
 
 def _file_version(path: Path) -> tuple[int, int]:
@@ -133,11 +136,16 @@ def _file_version(path: Path) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=8)
 def _read_pair(
-    images: str, labels: str, images_version: tuple[int, int], labels_version: tuple[int, int]
+    dataset: str,
+    split: str,
+    images: str,
+    labels: str,
+    images_version: tuple[int, int],
+    labels_version: tuple[int, int],
 ) -> TensorPair:
-    """Read an images/labels IDX pair; the versions key the cache on file changes."""
-    x = read_idx(images)
-    y = read_idx(labels)
+    """Read and verify an images/labels IDX pair; the versions key the cache on file changes."""
+    x = _read_verified(images, dataset, f"{_IDX_PREFIX[split]}-images-idx3-ubyte")
+    y = _read_verified(labels, dataset, f"{_IDX_PREFIX[split]}-labels-idx1-ubyte")
     if x.dim() != 3 or x.dtype != torch.uint8 or y.dim() != 1:
         raise ValueError(
             f"{images}, {labels}: expected uint8 images [N, H, W] and labels [N], got "
@@ -146,10 +154,15 @@ def _read_pair(
     return TensorPair(x.unsqueeze(1), y.to(torch.int64))
 
 
+def _read_verified(path: str, dataset: str, name: str) -> torch.Tensor:
+    """The tensor in IDX file ``path``, from bytes verified to be ``dataset``'s file ``name``."""
+    return parse_idx(verified_content(Path(path).read_bytes(), path, dataset, name), path)
+
+
 @functools.lru_cache(maxsize=1)
 def _load_digits() -> tuple[TensorPair, TensorPair]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    load_digits = require("sklearn.datasets", "digits").load_digits
+    train_test_split = require("sklearn.model_selection", "digits").train_test_split
 
     bunch = load_digits()
     x = torch.from_numpy(bunch.images).mul(255.0 / 16.0).round().to(torch.uint8).unsqueeze(1)

@@ -100,7 +100,11 @@ def parse_idx(data: bytes, path: str | Path = "<bytes>") -> torch.Tensor:
             f"{path}: IDX payload is {len(data) - header} bytes but the header's shape {shape} "
             f"needs {expected}; the file is truncated or corrupt. Delete it and download it again."
         )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    try:
+        array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=header)
+        array = array.reshape(shape)
+    except ValueError as exc:  # e.g. an empty payload declared as (0, 2**31, 2**31)
+        raise DataIntegrityError(f"{path}: impossible IDX shape {shape} ({exc}).") from exc
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
 
 

@@ -17,8 +17,10 @@ A root from 1 or 2 may be the dataset folder itself or a folder holding it as ``
 
 Every file is checked against embedded md5 sums: the md5 of the official gz file OR the md5
 of its decompressed content (Debian recompresses the same IDX bytes, so its gz md5 differs).
-Anything else is rejected. A verified file is remembered by path, size and mtime, in process
-and in a small stamp file under ``cache_dir()/verified/``, so it is hashed only once.
+Anything else is rejected. To find folders fast, a verified file is remembered by path, size,
+mtime and ctime (which no one can set back), in process and in a small stamp file under
+``cache_dir()/verified/``; the bytes a load parses are hashed again every time
+(:func:`verified_content`), so a file changed in any way since is never used.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import json
 import os
 import tempfile
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,8 @@ __all__ = [
     "dataset_files",
     "download_dataset",
     "find_dataset",
+    "find_datasets",
+    "verified_content",
     "verify_file",
 ]
 
@@ -56,7 +60,14 @@ _CHUNK = 1 << 20
 
 
 class DataNotFoundError(FileNotFoundError):
-    """The data files are nowhere to be found and could not be downloaded."""
+    """The data files are nowhere to be found and could not be downloaded.
+
+    ``missing`` names the datasets not found (``("fashion-mnist", "mnist")``), when known.
+    """
+
+    def __init__(self, message: str, missing: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 @dataclass(frozen=True)
@@ -140,8 +151,8 @@ SOURCES: dict[str, DatasetSource] = {
     ),
 }
 
-# (resolved path, size, mtime_ns) -> md5 that identified the file as a known one.
-_VERIFIED: dict[tuple[str, int, int], str] = {}
+# (resolved path, size, mtime_ns, ctime_ns) -> md5 that identified the file as a known one.
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}
 
 
 def cache_dir() -> Path:
@@ -170,12 +181,12 @@ def _known_md5s() -> dict[str, tuple[str, str]]:
 # ----------------------------------------------------------------------------- verification
 
 
-def _stamp_key(path: Path) -> tuple[str, int, int]:
+def _stamp_key(path: Path) -> tuple[str, int, int, int]:
     stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
-def _stamp_path(key: tuple[str, int, int]) -> Path:
+def _stamp_path(key: tuple[str, int, int, int]) -> Path:
     return cache_dir() / "verified" / (hashlib.sha1(key[0].encode()).hexdigest() + ".json")
 
 
@@ -242,6 +253,27 @@ def verify_file(path: str | Path, dataset: str, name: str) -> None:
     found = _identify(path)
     if found != (dataset, name):
         raise _mismatch(path, dataset, name, found)
+
+
+def verified_content(data: bytes, path: str | Path, dataset: str, name: str) -> bytes:
+    """The IDX bytes in ``data`` (read from ``path``; decompressed if gzip), once their md5 (of
+    ``data``, or of the decompressed content) shows they are file ``name`` of ``dataset``.
+
+    One md5 pass over the bytes a load parses anyway: ~0.02 s for MNIST's training images
+    gz, ~0.09 s uncompressed. Raises :class:`DataIntegrityError` naming ``path`` otherwise.
+    """
+    file = next((f for f in _source(dataset).files if f.name == name), None)
+    if file is None:
+        raise ValueError(f"{dataset!r} has no file {name!r}.")
+    md5 = hashlib.md5(data).hexdigest()
+    content = decompress_if_gzip(data, path)
+    if md5 in (file.md5_gz, file.md5_raw):
+        return content
+    content_md5 = hashlib.md5(content).hexdigest() if content is not data else md5
+    if content_md5 == file.md5_raw:
+        return content
+    table = _known_md5s()
+    raise _mismatch(Path(path), dataset, name, table.get(md5) or table.get(content_md5))
 
 
 def _mismatch(
@@ -351,7 +383,35 @@ def find_dataset(
             return download_dataset(name, opener=opener)
         except DataNotFoundError as exc:
             failures = str(exc)
-    raise DataNotFoundError(_not_found_message(source, looked, failures))
+    raise DataNotFoundError(_not_found_message(source, looked, failures), missing=(name,))
+
+
+def find_datasets(
+    names: Sequence[str],
+    data_dir: str | Path | None = None,
+    download: bool = True,
+    *,
+    opener: Opener | None = None,
+) -> dict[str, Path]:
+    """:func:`find_dataset` for each of ``names``; the folder of each, by name.
+
+    Raises
+    ------
+    DataNotFoundError : one error for every dataset not found, each with its files and the
+        places looked, so that all that is missing is known at once; ``missing`` names them.
+    """
+    found: dict[str, Path] = {}
+    errors: list[DataNotFoundError] = []
+    for name in names:
+        try:
+            found[name] = find_dataset(name, data_dir, download, opener=opener)
+        except DataNotFoundError as exc:
+            errors.append(exc)
+    if errors:
+        missing = tuple(m for e in errors for m in e.missing)
+        header = f"Missing data: {' and '.join(missing)} (all listed below)."
+        raise DataNotFoundError("\n".join([header, *map(str, errors)]), missing=missing)
+    return found
 
 
 def _not_found_message(source: DatasetSource, looked: list[str], failures: str) -> str:
@@ -418,7 +478,10 @@ def download_dataset(
 
 def _fetch(url: str, target: Path, dataset: str, file: RemoteFile, opener: Opener) -> None:
     """Stream ``url`` into ``target`` atomically, verifying it is ``dataset``/``file``."""
-    from tqdm.auto import tqdm
+    try:
+        from tqdm.auto import tqdm  # optional ([cli]): the download works without its bar
+    except ImportError:
+        tqdm = None
 
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
@@ -426,12 +489,14 @@ def _fetch(url: str, target: Path, dataset: str, file: RemoteFile, opener: Opene
         with os.fdopen(fd, "wb") as out, opener(url) as response:
             headers = getattr(response, "headers", None)
             total = int(headers.get("Content-Length") or 0) if headers is not None else 0
-            with tqdm(
+            bar = tqdm and tqdm(
                 total=total or None, unit="B", unit_scale=True, desc=file.name, disable=None
-            ) as bar:
+            )
+            with bar or contextlib.nullcontext():
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
-                    bar.update(len(chunk))
+                    if bar:
+                        bar.update(len(chunk))
         md5 = next((m for m in _file_md5s(tmp) if m in (file.md5_gz, file.md5_raw)), None)
         if md5 is None:
             raise DataIntegrityError(

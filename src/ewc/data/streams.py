@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ewc.config import ConfigError
 from ewc.data.datasets import TensorPair, load_dataset
+from ewc.data.sources import find_datasets
 
 __all__ = [
     "BENCHMARKS",
@@ -206,7 +208,8 @@ def _build_rotated(
 def _build_sequence(
     datasets: Sequence[str], n_tasks: int, seed: int, data_dir: str | Path | None, download: bool
 ) -> list[_RawTask]:
-    """One task per dataset, in order."""
+    """One task per dataset, in order; every missing dataset is named at once."""
+    find_datasets(datasets[:n_tasks], data_dir, download)
     return [_RawTask(name, *_splits(name, data_dir, download)) for name in datasets[:n_tasks]]
 
 
@@ -262,8 +265,13 @@ def _hold_out(
 ) -> tuple[TensorPair, TensorPair | None]:
     """Split ``pair`` into (train, val) with ``round(fraction * N)`` random samples in val."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}.")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {fraction}.")
     n_val = round(fraction * len(pair))
+    if fraction > 0 and not 0 < n_val < len(pair):
+        raise ConfigError(
+            f"val_fraction: {fraction:g} of {len(pair)} training samples holds out {n_val}; "
+            "choose a fraction that leaves at least one sample for validation and one for training"
+        )
     if n_val == 0:
         return pair, None
     held = torch.zeros(len(pair), dtype=torch.bool)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -30,6 +31,14 @@ def batch_size(batch: Any) -> int:
 def is_per_sample(leaf: Any, n: int) -> bool:
     """Whether ``leaf`` is a tensor with one row per sample of an ``n``-sample batch."""
     return isinstance(leaf, Tensor) and leaf.ndim >= 1 and leaf.shape[0] == n
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """``tree`` with every tensor on ``device`` (asynchronous from pinned memory)."""
+    return tree_map(
+        lambda leaf: leaf.to(device, non_blocking=True) if isinstance(leaf, Tensor) else leaf,
+        tree,
+    )
 
 
 def take(tree: Any, n: int, rows: slice) -> Any:
@@ -101,6 +110,12 @@ def call_forward(forward: Forward, model: nn.Module, batch: Any) -> tuple[Tensor
             f"got {type(result).__name__}. Return e.g. (model(x), y)."
         )
     output, target = result
+    if bool(output.isnan().any()) or bool(output.isposinf().any()):
+        raise FisherError(
+            f"the model's output holds {int(output.isnan().sum())} NaN and "
+            f"{int(output.isposinf().sum())} +Inf entries: the inputs hold NaN/Inf or the model "
+            "has diverged. Check the data (torch.isfinite(x).all()) and the weights."
+        )
     if output.ndim == 0 or (isinstance(target, Tensor) and target.shape[:1] != output.shape[:1]):
         raise FisherError(
             f"the output (shape {list(output.shape)}) and the target "

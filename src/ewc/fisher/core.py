@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_leaves
 
-from ._util import accumulate, eval_mode
-from .batching import Forward, batch_size, call_forward, default_forward, take
+from ._util import eval_mode
+from .batching import Forward, batch_size, call_forward, default_forward, take, to_device
 from .errors import FisherError
 from .func import func_batch
 from .hooks import HookEngine, HooksUnsupported
@@ -32,6 +34,7 @@ def fisher_diagonal(
     forward: Forward | None = None,
     seed: int = 0,
     method: str = "auto",
+    distributed: bool = True,
 ) -> dict[str, Tensor]:
     r"""The diagonal of the Fisher information, averaged over samples.
 
@@ -51,6 +54,15 @@ def fisher_diagonal(
       libraries use; it depends on the batching and equals ``"empirical"`` for batches of one.
 
     Entries have the units of :math:`(\partial \log p / \partial\theta)^2`, i.e. 1/θ².
+
+    Each batch is moved to the device of the model's parameters (tensors anywhere in a tuple,
+    list or dict; batches with no samples are skipped), and the sums over samples accumulate in
+    float32 for float16/bfloat16 models (the result has the parameters' dtype). Under
+    ``torch.distributed`` (a process group is initialised) the per-parameter sums and the sample
+    count are all-reduced, as DDP does for gradients: every rank returns the Fisher of the union
+    of all ranks' batches, equal to one process on all of them (shards may differ in size; a
+    rank may have none). Every rank must call it. A ``DistributedDataParallel`` model is
+    evaluated through its ``.module``, without DDP's gradient hooks.
 
     Computed in eval mode (dropout off, BatchNorm with its running statistics, which stay
     untouched); the ``training`` flag of every submodule is restored afterwards. Gradients come
@@ -82,6 +94,8 @@ def fisher_diagonal(
             switching. ``"func"``: whole-model ``vmap`` of per-sample vjps. ``"loop"``: the plain
             per-sample reference. The first three give the same result up to rounding for
             ``"exact"``, ``"sampled"`` and ``"empirical"``; ``"batched"`` ignores ``method``.
+        distributed: all-reduce over the default process group when one is initialised
+            (default); ``False``: this process's batches only.
 
     Returns:
         ``{name: F}`` for every parameter with ``requires_grad`` (names from
@@ -90,7 +104,8 @@ def fisher_diagonal(
     Raises:
         FisherError: (a ``ValueError``) for an unknown ``kind`` / ``likelihood`` / ``method``,
             no trainable parameters, ``batches`` without samples, targets outside the classes,
-            zero-probability targets, or a non-finite result.
+            zero-probability targets, NaN/+Inf model outputs, or a non-finite result; errors
+            raised while a batch is processed name the batch's index.
 
     References:
         Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks", PNAS.
@@ -108,43 +123,59 @@ def fisher_diagonal(
             "n_samples=1000, or None to use every sample."
         )
     resolved = resolve_likelihood(likelihood, kind)
-    params: dict[str, Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    inner = unwrap(model)
+    params: dict[str, Tensor] = {name: p for name, p in inner.named_parameters() if p.requires_grad}
     if not params:
         raise FisherError(
             f"{type(model).__name__} has no parameters with requires_grad=True, so there is no "
             "Fisher to compute. Unfreeze the parameters to consolidate."
         )
     request = Request(
-        model, params, forward or default_forward, kind, resolved, SeededGenerator(seed)
+        inner, params, forward or default_forward, kind, resolved, SeededGenerator(seed)
     )
-    return sample_mean(request, _first_samples(batches, n_samples), method)
+    mean = sample_mean(request, first_samples(batches, n_samples), method, distributed=distributed)
+    prefix = "module." if inner is not model else ""  # the names model.named_parameters() gives
+    return {prefix + name: f for name, f in mean.items()}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper, else
+    ``model`` (its parameters are the wrapper's, without the ``module.`` prefix)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
 
 
 def sample_mean(
-    request: Request, batches: Iterable[Any], method: str = "auto", what: str = "Fisher"
+    request: Request,
+    batches: Iterable[Any],
+    method: str = "auto",
+    what: str = "Fisher",
+    distributed: bool = True,
 ) -> dict[str, Tensor]:
     r"""Mean over samples of :math:`|g_i|^p` (``p = request.power``) for every parameter in
-    ``request.params``, computed in eval mode by ``method`` (see :func:`fisher_diagonal`);
-    parameters that got no gradient are zero. ``what`` names the result in errors."""
+    ``request.params``, computed in eval mode by ``method`` (see :func:`fisher_diagonal`, also
+    for batch placement, float32 sums and ``distributed``); parameters that got no gradient are
+    zero. ``what`` names the result in errors."""
     if request.kind != "batched" and method != "loop":
         _check_samples_independent(request.model)
-    sums: dict[str, Tensor] = {}
+    sums = {name: torch.zeros_like(p, dtype=sum_dtype(p)) for name, p in request.params.items()}
     total = 0
+    feed = Feed(batches, next(iter(request.params.values())).device)
     with eval_mode(request.model):
-        parts = _per_batch(request, iter(batches), method)
-        with torch.enable_grad(), closing(parts):
+        parts = _per_batch(request, iter(feed), method)
+        with torch.enable_grad(), closing(parts), feed.naming_errors():
             for part, n in parts:
-                accumulate(sums, part)
+                for name, value in part.items():
+                    sums[name].add_(value)
                 total += n
+    if distributed and dist.is_available() and dist.is_initialized():
+        total = all_reduce(sums, total)
     if total == 0:
         raise FisherError(
             "batches yielded no samples; pass a non-empty DataLoader or list of "
             "(inputs, targets) batches."
         )
-    mean = {
-        name: (sums[name] / total).to(p.dtype) if name in sums else torch.zeros_like(p)
-        for name, p in request.params.items()
-    }
+    mean = {name: (sums[name] / total).to(p.dtype) for name, p in request.params.items()}
     for name, m in mean.items():
         bad = ~torch.isfinite(m)
         if bool(bad.any()):
@@ -154,6 +185,53 @@ def sample_mean(
                 "for NaN/Inf, or compute in float64."
             )
     return mean
+
+
+class Feed:
+    """``batches`` moved to ``device``, skipping empty ones and refusing NaN/+Inf in their
+    float tensors (-Inf may be a mask); ``index``: the last one yielded."""
+
+    def __init__(self, batches: Iterable[Any], device: torch.device) -> None:
+        self.batches, self.device, self.index = batches, device, -1
+
+    @contextmanager
+    def naming_errors(self) -> Iterator[None]:
+        """Prefix a :class:`FisherError` raised inside with the index of the current batch."""
+        try:
+            yield
+        except FisherError as e:
+            raise type(e)(f"batch {self.index}: {e}") from e
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, batch in enumerate(self.batches):
+            self.index = index
+            if batch_size(batch) == 0:
+                continue
+            for leaf in tree_leaves(batch):
+                if isinstance(leaf, Tensor) and leaf.is_floating_point():
+                    bad = int(leaf.isnan().sum() + leaf.isposinf().sum())
+                    if bad:
+                        raise FisherError(
+                            f"{bad} NaN/+Inf values in a batch tensor of shape "
+                            f"{list(leaf.shape)}. Clean the data (torch.isfinite(x).all()) or "
+                            "drop those samples."
+                        )
+            yield to_device(batch, self.device)
+
+
+def sum_dtype(p: Tensor) -> torch.dtype:
+    """float32 sums for half-precision parameters, the parameter's dtype otherwise."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def all_reduce(sums: dict[str, Tensor], total: int) -> int:
+    """Sum ``sums`` (in place) and ``total`` over the default process group."""
+    for value in sums.values():
+        dist.all_reduce(value)
+    device = next(iter(sums.values())).device
+    count = torch.tensor([total], dtype=torch.float64, device=device)
+    dist.all_reduce(count)
+    return int(count.item())
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
@@ -173,7 +251,7 @@ def _check_samples_independent(model: nn.Module) -> None:
             )
 
 
-def _first_samples(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:
+def first_samples(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:
     """``batches``, cut after ``limit`` samples (without pulling the next batch)."""
     if limit is None:
         yield from batches

@@ -30,7 +30,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from ._util import accumulate, byte_groups
-from .batching import call_forward
+from .batching import batch_size, call_forward
 from .errors import FisherError
 from .request import Request
 from .rules import Rule, generic_rule, rule_for
@@ -99,6 +99,8 @@ class HookEngine:
         # Rules written for the Fisher alone need not take power; rule_for skips them otherwise.
         self._power = {} if request.power == 2 else {"power": request.power}
         self._recording = False
+        self._n = 0  # samples in the batch being recorded
+        self._expanded: str | None = None  # a module whose broadcast output was expanded
         self._handles = [
             h.module.register_forward_hook(partial(self._record, h), with_kwargs=True)
             for h in self._hooked
@@ -117,10 +119,18 @@ class HookEngine:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         output: Any,
-    ) -> None:
+    ) -> Any:
         if not self._recording:
-            return
+            return None
         leaves, spec = tree_flatten(output)
+        if _broadcast((args, kwargs), leaves, self._n):
+            # No per-sample input (e.g. position ids [1, T]): one output row that the model
+            # broadcasts over the batch. Expanded to the batch here (a view), its gradient
+            # arrives per sample and the rule sees an ordinary per-sample call.
+            args, kwargs = tree_map(partial(_expand, n=self._n), (args, kwargs))
+            leaves = [_expand(t, self._n) for t in leaves]
+            output = tree_unflatten(leaves, spec)
+            self._expanded = hooked.name
         edges = [
             get_gradient_edge(t) if isinstance(t, Tensor) and t.requires_grad else None
             for t in leaves
@@ -129,12 +139,20 @@ class HookEngine:
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         versions = [(t, t._version) for t in inputs]  # detach() shares the version counter
         hooked.calls.append(_Call(args, kwargs, leaves, spec, edges, versions))
+        return output
 
     def batch(self, batch: Any) -> tuple[dict[str, Tensor], int]:
         """Sums of per-sample gradient powers over one batch, and its number of samples."""
-        self._recording = True
+        self._recording, self._n, self._expanded = True, batch_size(batch), None
         try:
             output, target, n = call_forward(self.request.forward, self.request.model, batch)
+        except RuntimeError as e:
+            if self._expanded is None:
+                raise
+            raise HooksUnsupported(
+                f"the model failed once the broadcast output of module {self._expanded!r} was "
+                f"expanded to the batch ({e}); pass method='func'"
+            ) from e
         finally:
             self._recording = False
         try:
@@ -203,6 +221,26 @@ class HookEngine:
                         part = h.rule(h.module, call.args, call.kwargs, present, **self._power)
                     accumulate(sums, {h.params[local][0]: v for local, v in part.items()})
         return sums
+
+
+def _broadcast(inputs: Any, out_leaves: list[Any], n: int) -> bool:
+    """Whether a call of an ``n``-sample batch has tensor inputs and outputs that all hold one
+    row (dim 0 of size 1): a sample-independent result the model broadcasts."""
+    ins = [t for t in tree_leaves(inputs) if isinstance(t, Tensor)]
+    outs = [t for t in out_leaves if isinstance(t, Tensor)]
+    return (
+        n > 1
+        and bool(ins)
+        and bool(outs)
+        and all(t.ndim >= 1 and t.shape[0] == 1 for t in (*ins, *outs))
+    )
+
+
+def _expand(leaf: Any, n: int) -> Any:
+    """A one-row tensor as an ``n``-row view; anything else unchanged."""
+    if isinstance(leaf, Tensor) and leaf.ndim >= 1 and leaf.shape[0] == 1:
+        return leaf.expand(n, *leaf.shape[1:])
+    return leaf
 
 
 def _detach(leaf: Any) -> Any:

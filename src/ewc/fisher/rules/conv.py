@@ -16,11 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .._util import sample_chunks
+from .._util import chunk_budget, sample_chunks
 from . import layer_input, power_of, register_rule, sum_of_powers, trainable
-
-CHUNK_BYTES = 2 * 2**20
-"""Per-offset intermediates per chunk of samples: small enough to stay in cache."""
 
 
 def _padded_2d(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
@@ -59,7 +56,7 @@ def conv_rule(
     groups, c_out = module.groups, module.out_channels
     total = x.new_zeros(groups, c_out // groups, c_in // groups, kernel[0] * kernel[1])
     per_sample = (c_in * height * width + c_out * c_in // groups) * x.element_size()
-    for rows in sample_chunks(n, per_sample, CHUNK_BYTES):
+    for rows in sample_chunks(n, per_sample, chunk_budget(x.device)):
         ds = [d[rows].unflatten(1, (groups, -1)).flatten(0, 1) for d in deltas]
         for u in range(kernel[0]):
             for v in range(kernel[1]):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._util import sample_chunks
+from .._util import chunk_budget, sample_chunks
 from . import layer_input, power_of, register_rule, sum_of_powers, trainable
 
 
@@ -43,9 +43,10 @@ def linear_rule(
     if want_w:
         w = torch.zeros_like(module.weight)
         per_sample = module.weight.numel() * a.element_size()
-        for rows in sample_chunks(a3.shape[0], per_sample):
+        for rows in sample_chunks(a3.shape[0], per_sample, chunk_budget(a.device)):
             for d in deltas:
-                w += power_of(torch.bmm(d[rows].transpose(1, 2), a3[rows]), power).sum(0)
+                g = torch.bmm(d[rows].transpose(1, 2), a3[rows])  # per-sample [chunk, out, in]
+                w += (g.square_() if power == 2 else g.abs_()).sum(0)
         out["weight"] = w
     if want_b:
         out["bias"] = sum_of_powers([d.sum(1) for d in deltas], power).sum(0)

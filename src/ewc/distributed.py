@@ -1,0 +1,68 @@
+"""Data-parallel training under ``torchrun``: the process group, shards of each batch, rank 0.
+
+``torchrun --nproc_per_node N -m ewc run ...`` starts N processes with ``WORLD_SIZE``, ``RANK``
+and ``LOCAL_RANK`` set. :func:`setup` joins them into the default process group (gloo on a
+CPU, nccl on CUDA, one GPU per process); the runner then wraps the model in
+``DistributedDataParallel``, gives each rank a slice of every global batch (:func:`shard`), and
+lets only rank 0 write files (:func:`is_main_process`). Outside torchrun all of this is a no-op.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def active() -> bool:
+    """Whether a process group with more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 outside a process group)."""
+    return dist.get_world_size() if active() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 and outside a process group: the process that writes files."""
+    return rank() == 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Under torchrun (``WORLD_SIZE`` > 1), initialise the default process group if nobody has
+    (backend nccl for CUDA, gloo otherwise) and return this process's device (``cuda`` becomes
+    ``cuda:LOCAL_RANK``); otherwise return ``device`` unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return device
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """``DistributedDataParallel(model)`` in a process group of several processes, else
+    ``model``. Gradients are averaged over ranks during ``backward()``."""
+    if not active():
+        return model
+    device = next(model.parameters()).device
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def shard(indices: Tensor) -> Tensor:
+    """This rank's contiguous part of a global batch of sample indices (sizes differ by at most
+    one; a rank may get none when the batch has fewer samples than there are ranks)."""
+    return indices.tensor_split(world_size())[rank()] if active() else indices

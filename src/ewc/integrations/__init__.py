@@ -1,0 +1,16 @@
+"""EWC inside other people's training loops: trainer callbacks.
+
+* :mod:`ewc.integrations.huggingface`: ``EWCCallback`` for ``transformers.Trainer``
+  (``pip install 'ewc[hf]'``).
+* :mod:`ewc.integrations.lightning`: ``EWCCallback`` for ``lightning.Trainer``
+  (``pip install 'ewc[lightning]'``).
+
+Both follow one contract: pass the same callback instance to the trainer of every task. When a
+task's training ends it consolidates (importance and anchor of the task just learned) from that
+trainer's training data, or from ``callback.data`` when set; in later tasks it adds the
+penalty's gradient :math:`\\lambda\\bar F(\\theta-\\bar\\theta)` once per optimizer step. Only
+the parameters with ``requires_grad=True`` when the first training starts are regularized (with
+a PEFT model: the adapter and the other trainable modules, not the frozen base).
+
+Importing this package imports neither framework; each submodule imports its own.
+"""

@@ -1,0 +1,113 @@
+"""What both trainer callbacks share: a regularizer bound to the trainer's model, built on first
+use, and the data it consolidates from."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ewc.fisher.batching import Forward
+from ewc.regularizers import REGULARIZERS, Regularizer, make_regularizer
+
+
+class Continual:
+    """A regularizer of the trainer's model, created when training first starts.
+
+    Args:
+        lam: λ of the penalty :math:`\\tfrac{\\lambda}{2}\\sum\\bar\\Omega(\\theta-\\bar\\theta)^2`.
+        strategy: a name from :data:`ewc.regularizers.REGULARIZERS` (``"ewc"``,
+            ``"online-ewc"``, ``"mas"``, ``"si"``, ``"l2"``, ...).
+        forward: ``forward(model, batch) -> (output, target)`` for the strategies that read
+            data (``uses_data``: EWC, online EWC, MAS, ...); ``None``: ``model(x), y``.
+        options: more keyword arguments of the regularizer (``fisher=``, ``fisher_samples=``,
+            ``gamma=``, ``xi=``, ...).
+
+    Every argument is checked here, on a one-parameter stand-in model, so a bad value fails
+    when the callback is built rather than after the first task's training.
+    """
+
+    def __init__(
+        self, lam: float, strategy: str, forward: Forward | None, options: dict[str, Any]
+    ) -> None:
+        if strategy not in REGULARIZERS:
+            raise ValueError(
+                f"unknown strategy={strategy!r}; choose one of {', '.join(REGULARIZERS)}."
+            )
+        self.strategy = strategy
+        self.kwargs = dict(options, lam=lam)
+        if forward is not None and REGULARIZERS[strategy].uses_data:
+            self.kwargs["forward"] = forward
+        self._build(nn.Linear(1, 1))
+        self.regularizer: Regularizer | None = None
+        self._model: nn.Module | None = None
+
+    def _build(self, model: nn.Module) -> Regularizer:
+        return make_regularizer(self.strategy, model, **self.kwargs)
+
+    def bind(self, model: nn.Module) -> Regularizer:
+        """The regularizer of ``model``: built on the first call; when a later trainer brings
+        another model object, rebuilt on it with the state carried over (the parameter names
+        and shapes must match)."""
+        if self.regularizer is None or self._model is not model:
+            new = self._build(model)
+            if self.regularizer is not None:
+                new.load_state_dict(self.regularizer.state_dict())
+            self.regularizer, self._model = new, model
+        return self.regularizer
+
+    def add_penalty_grad(self, scale: float = 1.0) -> None:
+        """``p.grad += scale · λ Ω̄ (p - θ̄)``; ``scale`` is a loss scaler's factor when the
+        gradients are still scaled. Nothing before the first consolidation."""
+        if self.regularizer is None:
+            return
+        if scale == 1.0:
+            self.regularizer.add_penalty_grad()
+            return
+        reg: Any = self.regularizer  # the built-in regularizers have a settable ``lam``
+        lam = reg.lam
+        reg.lam = lam * scale
+        try:
+            reg.add_penalty_grad()
+        finally:
+            reg.lam = lam
+
+    def after_step(self) -> None:
+        """After every optimizer step that changed the parameters (SI's path integral)."""
+        if self.regularizer is not None:
+            self.regularizer.after_step()
+
+    def consolidate(self, model: nn.Module, data: Any, like: DataLoader | None) -> None:
+        """Importance and anchor of the task just learned, from ``data``: an iterable of batches
+        (a ``DataLoader``, a list of batches) or a map-style ``Dataset``, batched like ``like``
+        (the trainer's training loader: its batch size and collate function)."""
+        self.bind(model).consolidate(as_batches(data, like))
+
+
+def as_batches(data: Any, like: DataLoader | None) -> Iterable[Any]:
+    """``data`` as an iterable of batches (see :meth:`Continual.consolidate`)."""
+    if data is None:
+        raise ValueError(
+            "there is no data to consolidate from: the trainer has no training dataloader. "
+            "Set callback.data to the task's DataLoader (or Dataset) before training."
+        )
+    if _is_map_dataset(data):
+        if like is None:
+            return DataLoader(data, batch_size=64)
+        return DataLoader(data, batch_size=like.batch_size or 64, collate_fn=like.collate_fn)
+    if not isinstance(data, Iterable):
+        raise ValueError(
+            f"data of type {type(data).__name__} is neither an iterable of batches nor a "
+            "map-style Dataset; pass the task's DataLoader, a list of batches or a Dataset."
+        )
+    return data
+
+
+def _is_map_dataset(data: Any) -> bool:
+    """A map-style dataset (``torch.utils.data.Dataset``, ``datasets.Dataset``): indexed samples,
+    not batches. Lists and tuples count as batches."""
+    if isinstance(data, (DataLoader, list, tuple)):
+        return False
+    return isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__"))

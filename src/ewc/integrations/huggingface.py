@@ -1,0 +1,116 @@
+"""EWC as a Hugging Face ``transformers.Trainer`` callback (``pip install 'ewc[hf]'``).
+
+Usage, one callback for the whole sequence of tasks::
+
+    from ewc.integrations.huggingface import EWCCallback
+
+    ewc_cb = EWCCallback(lam=1e3)
+    for task_dataset in tasks:
+        Trainer(model=model, args=args, train_dataset=task_dataset, callbacks=[ewc_cb]).train()
+
+When a task's ``train()`` ends, the callback consolidates from that trainer's training
+dataloader (or from ``ewc_cb.data``, when set). In later tasks the optimizer sees the gradient
+of the task loss plus :math:`\\tfrac{\\lambda}{2}\\sum\\bar F(\\theta-\\bar\\theta)^2`, the penalty
+counted once per optimizer step.
+
+Where the penalty's gradient goes: the Trainer clips the gradient (and, under fp16, unscales
+it) before any callback event that follows the backward passes, so the callback adds
+:math:`\\lambda\\bar F(\\theta-\\bar\\theta)` at ``on_step_begin`` instead, into the freshly
+zeroed ``.grad`` before the step's micro-batches run backward, multiplied by the loss scale
+when a ``GradScaler`` is active. The parameters do not change during a step, so this is the
+same gradient; the backward passes accumulate onto it, and gradient accumulation, clipping,
+unscaling and DDP's all-reduce (identical penalties on every rank average to themselves) then
+see exactly the gradient of "task loss + penalty". SI's path integral is updated at
+``on_optimizer_step``, skipped when the loss scaler skipped the step.
+
+With a PEFT model, the parameters regularized are those that require grad when the first
+training starts: the adapter (and ``modules_to_save``, e.g. the classification head), not the
+frozen base. DeepSpeed and FSDP, which shard parameters, are not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ewc._optional import require
+from ewc.fisher.batching import Forward
+from ewc.fisher.errors import FisherError
+from ewc.regularizers import Regularizer
+
+from ._continual import Continual
+
+#: ``transformers.TrainerCallback`` (typed ``Any``: the framework is an optional dependency)
+TrainerCallback: Any = require("transformers", "hf").TrainerCallback
+
+__all__ = ["EWCCallback", "logits_and_labels"]
+
+
+def logits_and_labels(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
+    """The default ``forward`` for Hugging Face batches: ``model(**inputs).logits`` and
+    ``batch["labels"]``, where ``inputs`` is the batch without ``labels`` (so the model computes
+    no loss). Fits sequence classification (logits ``[N, C]``, labels ``[N]``); for other heads
+    pass your own ``forward``."""
+    if not (isinstance(batch, dict) and "labels" in batch):
+        raise FisherError(
+            f"a batch of type {type(batch).__name__} has no 'labels' entry; pass "
+            "EWCCallback(forward=lambda model, batch: (output, target)) to say how to feed it."
+        )
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits, batch["labels"]
+
+
+class EWCCallback(TrainerCallback):
+    """EWC (or another regularizer of :mod:`ewc.regularizers`) for a sequence of ``Trainer`` runs.
+
+    Args:
+        lam: λ >= 0, our convention (README: "Our λ convention").
+        strategy: ``"ewc"`` (default), ``"online-ewc"``, ``"mas"``, ``"si"`` or ``"l2"``.
+        data: what to consolidate from at the end of the next ``train()``: an iterable of
+            batches (a ``DataLoader``, a list of batch dicts) or a map-style dataset (batched
+            with the trainer's batch size and collator). ``None`` (default): the trainer's own
+            training dataloader. A public attribute: set it again before each task if needed.
+        forward: ``forward(model, batch) -> (output, target)``; default
+            :func:`logits_and_labels`.
+        options: passed to the regularizer, e.g. ``fisher="empirical"``,
+            ``fisher_samples=2000``, ``gamma=0.9`` (online EWC), ``xi=0.1`` (SI).
+
+    Attributes:
+        regularizer: the regularizer (:class:`~ewc.regularizers.Regularizer`) of the trainer's model
+            (``None`` until the first ``train()`` starts); save it with ``state_dict()``.
+        data: see above.
+    """
+
+    def __init__(
+        self,
+        lam: float,
+        *,
+        strategy: str = "ewc",
+        data: Any = None,
+        forward: Forward = logits_and_labels,
+        **options: Any,
+    ) -> None:
+        self._continual = Continual(lam, strategy, forward, options)
+        self.data = data
+
+    @property
+    def regularizer(self) -> Regularizer | None:
+        return self._continual.regularizer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._continual.bind(kwargs["model"])
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        scaler = getattr(kwargs.get("optimizer"), "scaler", None)
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        self._continual.add_penalty_grad(scale)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not getattr(kwargs.get("optimizer"), "step_was_skipped", False):
+            self._continual.after_step()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        loader = kwargs.get("train_dataloader")
+        data = self.data if self.data is not None else loader
+        self._continual.consolidate(kwargs["model"], data, like=loader)

@@ -1,0 +1,78 @@
+"""A lean install: ``pip install ewc`` needs torch and numpy; the rest are extras named on use."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+OPTIONAL = ("matplotlib", "yaml", "sklearn", "tqdm", "transformers", "peft", "lightning")
+
+
+def python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+
+
+def test_core_dependencies_are_torch_and_numpy() -> None:
+    names = [re.split(r"[<>=!~ ;\[]", d)[0] for d in PYPROJECT["project"]["dependencies"]]
+    assert sorted(names) == ["numpy", "torch"]
+
+
+def test_importing_ewc_and_its_core_imports_no_extra() -> None:
+    """``import ewc`` (library, Fisher, runner, regularizers) loads none of the extras' packages
+    (tqdm may come with torch itself, so only ewc's own imports are checked by blocking)."""
+    blocked = "".join(f"sys.modules[{name!r}] = None\n" for name in OPTIONAL)
+    done = python(f"import sys\n{blocked}import ewc, ewc.cli, ewc.distributed\nprint('ok')")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [("ewc.plots", "matplotlib", "plots"), ("ewc.report", "matplotlib", "plots")],
+)
+def test_a_missing_extra_is_named_in_the_error(module: str, blocked: str, extra: str) -> None:
+    done = python(f"import sys\nsys.modules[{blocked!r}] = None\nimport {module}")
+    assert done.returncode != 0
+    assert "MissingExtraError" in done.stderr
+    assert f"pip install 'ewc[{extra}]'" in done.stderr
+
+
+def test_the_digits_benchmark_names_its_extra() -> None:
+    code = (
+        "import sys\nsys.modules['sklearn'] = None\nimport ewc\n"
+        "try:\n    ewc.load_dataset('digits', 'train')\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    done = python(code)
+    assert "pip install 'ewc[digits]'" in done.stdout, done.stdout + done.stderr
+
+
+def test_every_extra_the_code_names_exists_and_all_holds_them() -> None:
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    named = set()
+    for path in (ROOT / "src" / "ewc").rglob("*.py"):
+        named |= set(re.findall(r"require\(\s*\"[\w.]+\",\s*\"(\w+)\"\)", path.read_text()))
+    assert named, "no require() calls found: the pattern is out of date"
+    assert named <= set(extras), named - set(extras)
+    everything = extras["all"][0]
+    for extra in named:
+        assert extra in everything, f"[all] lacks {extra}"
+
+
+def test_requires_python_matches_the_code() -> None:
+    """The code's oldest syntax target (ruff, mypy) and requires-python agree."""
+    low = PYPROJECT["project"]["requires-python"].removeprefix(">=")
+    assert PYPROJECT["tool"]["ruff"]["target-version"] == "py" + low.replace(".", "")
