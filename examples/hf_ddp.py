@@ -18,7 +18,7 @@ import json
 
 import torch
 import torch.distributed as dist
-from hf_two_tasks import SETTINGS, two_tasks
+from hf_two_tasks import LAM, two_tasks
 
 from ewc.integrations.huggingface import EWCCallback
 
@@ -42,7 +42,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     ddp = {"ddp_backend": "gloo", "per_device_train_batch_size": BATCH}
     naive = two_tasks([], **ddp)
-    callback = EWCCallback(lam=SETTINGS["full"]["lam"])
+    callback = EWCCallback(lam=LAM)
     kept = two_tasks([callback], **ddp)
     spread = rank_spread(callback)
     result = {"naive": naive, "EWC": kept, "rank spread": spread, "ranks": dist.get_world_size()}
@@ -51,3 +51,4 @@ if __name__ == "__main__":
         if cli.out:
             with open(cli.out, "w") as f:
                 json.dump(result, f)
+    dist.destroy_process_group()  # before exit: gloo can abort a rank whose peer left first

@@ -7,6 +7,9 @@ Both tasks draw their sequences from the same tokens and start with a token nami
 
 * Task A: label 1 when the marker token ``A_MARKER`` occurs.
 * Task B: label 1 when the marker ``B_MARKER`` does **not** occur.
+* ``"pretext"``, a third task to pretrain a base model on (a stand-in for a pretrained
+  checkpoint, for the LoRA example): label 1 when the filler token ``PRETEXT_MARKER`` occurs
+  (about 17 % of the sequences; it is not inserted).
 
 One shared head answers both (domain-incremental). A model fine-tuned on B alone learns "no
 marker -> 1", which is wrong for every negative of task A: task A's accuracy falls towards 50 %
@@ -21,35 +24,47 @@ from torch.utils.data import Dataset
 
 SEQ_LEN = 12
 VOCAB = 64
-TASK_TOKEN = {"a": 1, "b": 2}
+TASK_TOKEN = {"a": 1, "b": 2, "pretext": 3}
 A_MARKER = 5
 B_MARKER = 40
+PRETEXT_MARKER = 7
 FILLER = torch.tensor([t for t in range(4, VOCAB) if t not in (A_MARKER, B_MARKER)])
+#: task -> (its marker, whether the label is 1 when the marker occurs, whether half of the
+#: sequences get the marker inserted)
+RULES = {
+    "a": (A_MARKER, True, True),
+    "b": (B_MARKER, False, True),
+    "pretext": (PRETEXT_MARKER, True, False),
+}
 
 
 class TokenTask(Dataset):
-    """``n`` sequences of ``SEQ_LEN`` token ids, half with the task's marker; HF-style dict items
+    """``n`` sequences of ``SEQ_LEN`` token ids, half with task A's or B's marker; HF-style items
     (``input_ids``, ``labels``; no ``attention_mask``: every sequence has full length).
 
     Args:
-        task: ``"a"`` or ``"b"``.
+        task: ``"a"``, ``"b"`` or ``"pretext"``.
         n: number of samples.
         seed: seeds the sequences (use different seeds for training and test data).
+        noise: the fraction of labels flipped at random (label noise keeps a model from
+            becoming certain, which would make its Fisher information vanish).
     """
 
-    def __init__(self, task: str, n: int, seed: int) -> None:
-        if task not in ("a", "b"):
-            raise ValueError(f"task must be 'a' or 'b'; got {task!r}.")
-        marker = A_MARKER if task == "a" else B_MARKER
+    def __init__(self, task: str, n: int, seed: int, noise: float = 0.0) -> None:
+        if task not in RULES:
+            raise ValueError(f"task must be one of {list(RULES)}; got {task!r}.")
+        marker, present_is_positive, insert = RULES[task]
         g = torch.Generator().manual_seed(seed)
         ids = FILLER[torch.randint(len(FILLER), (n, SEQ_LEN), generator=g)]
         ids[:, 0] = TASK_TOKEN[task]
-        has_marker = torch.arange(n) % 2 == 0
+        has_marker = (torch.arange(n) % 2 == 0) & insert
         where = torch.randint(1, SEQ_LEN, (n,), generator=g)
         ids[has_marker, where[has_marker]] = marker
         self.input_ids = ids
-        label = has_marker if task == "a" else ~has_marker
-        self.labels = label.long()
+        occurs = (ids[:, 1:] == marker).any(1)  # the pretext marker is also a filler token
+        label = occurs if present_is_positive else ~occurs
+        flip = torch.rand(n, generator=g) < noise
+        self.labels = (label ^ flip).long()
 
     def __len__(self) -> int:
         return len(self.labels)

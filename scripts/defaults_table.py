@@ -37,16 +37,16 @@ every built-in benchmark, scenario and regularizer. Generated from the code by
 - **split-digits, permuted-digits** (offline, seconds a run): chosen on validation by
   `python scripts/choose_defaults.py --out docs/defaults-sweep.json` — for each cell a grid of
   decades, seeds {seeds}, {val:.0%} of each task's training data held out; the λ with the best
-  mean validation ACC wins. The cell shows λ, then the mean **test** ACC (%) over the same seeds
-  of the strategy at that λ and of naive fine-tuning. *cannot help*: at the λ chosen on
-  validation the strategy does not beat naive on test (typically class-incremental learning,
-  where regularizers of this kind do not help, van de Ven et al. 2022); the choice is then a
-  small λ that keeps it close to naive.
+  mean validation ACC wins (a λ whose runs diverge is skipped). The cell shows λ, then the mean
+  **test** ACC (%) over the same seeds of the strategy at that λ and of naive fine-tuning.
+  *cannot help*: at the λ chosen on validation the strategy does not beat naive on test
+  (typically class-incremental learning, where regularizers of this kind do not help, van de Ven
+  et al. 2022); the choice is then a small λ that keeps it close to naive.
 - **The others**: MNIST-sized benchmarks are too costly to sweep on this project's 2-core
   machine for every cell, and rotated-digits was not swept for lack of time. ‡: chosen on
-  validation, see [results.md](results.md); †: untuned fallback (the value chosen for
-  task-incremental Split MNIST), not swept for this cell: choose it with `ewc sweep` before
-  relying on it.
+  validation for this cell, see [results.md](results.md); †: not chosen for this cell — the
+  benchmark's value for another scenario, or the untuned fallback (the value chosen for
+  task-incremental Split MNIST): choose it with `ewc sweep` before relying on it.
 """
 
 
@@ -73,8 +73,12 @@ def _cell(benchmark: str, scenario: str, strategy: str, swept: dict[tuple, Any])
     assert lam is not None
     if (benchmark, scenario, strategy) in swept:
         return _swept_cell(swept[benchmark, scenario, strategy], lam)
+    # A strategy-wide entry was chosen in the benchmark's default scenario only.
     table = BENCHMARK_DEFAULTS.get(benchmark, {}).get("lam", {})
-    tuned = f"{strategy}/{scenario}" in table or strategy in table
+    default_scenario = BENCHMARKS[benchmark].default_scenario
+    tuned = f"{strategy}/{scenario}" in table or (
+        strategy in table and scenario == default_scenario
+    )
     return f"{_lam(lam)} {'‡' if tuned else '†'}"
 
 

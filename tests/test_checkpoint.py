@@ -45,7 +45,7 @@ def _uninterrupted(strategy: str) -> dict:
     return run(RunConfig(strategy=strategy, **TINY))
 
 
-@pytest.mark.parametrize("strategy", ["ewc", "online-ewc", "si", "mas", "naive"])
+@pytest.mark.parametrize("strategy", ["ewc", "online-ewc", "si", "mas", "l2", "kfac", "naive"])
 @pytest.mark.parametrize("killed_after", [0, 3])
 def test_resumed_run_ends_bit_for_bit_as_an_uninterrupted_one(tmp_path, strategy, killed_after):
     cfg = RunConfig(strategy=strategy, **TINY)
@@ -114,7 +114,7 @@ def test_ewc_run_resumes_from_its_checkpoint_and_removes_it(tmp_path, monkeypatc
 def test_kill_9_during_compare_then_rerun_gives_the_same_results(tmp_path):
     """A real SIGKILL of `ewc compare` as soon as its second run wrote a checkpoint; the same
     command again resumes: naive's results are read, ewc resumes after its last task."""
-    argv = ["compare", "--benchmark=permuted-digits", "--tasks=4", "--hidden=32", "--epochs=6"]
+    argv = ["compare", "--benchmark=permuted-digits", "--tasks=3", "--hidden=16", "--epochs=2"]
     argv += ["--strategies=naive,ewc", "--seeds=0", "--quiet", "--no-report"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -136,3 +136,13 @@ def test_kill_9_during_compare_then_rerun_gives_the_same_results(tmp_path):
             json.loads((whole / name).read_text()), json.loads((killed / name).read_text())
         )
     assert not list(killed.glob("*.ckpt.pt"))
+
+
+def test_sweep_rerun_reads_its_finished_runs(tmp_path, monkeypatch):
+    from ewc.training import sweep
+
+    config = RunConfig(strategy="ewc", **TINY)
+    first = sweep(config, [1.0, 100.0], tmp_path)
+    monkeypatch.setattr("ewc.training.run", lambda *a, **k: pytest.fail("a finished run reran"))
+    again = sweep(config, [1.0, 100.0], tmp_path)
+    assert again["points"] == first["points"] and again["chosen"] == first["chosen"]

@@ -109,3 +109,21 @@ def test_compare_leaves_a_setting_at_its_default_for_strategies_that_do_not_read
     )
     results = compare(config, ["ewc", "online-ewc"], [0], tmp_path)
     assert [r["config"]["gamma"] for r in results] == [1.0, 0.5]
+
+
+def test_a_diverged_run_is_an_error_and_a_failed_sweep_point(tmp_path, capsys):
+    from ewc.training import RunConfig
+
+    argv = ["run", *TINY, "--epochs=1", "--strategy=naive", "--optimizer=sgd", "--lr=1e30"]
+    assert main([*argv, "--no-report", f"--out={tmp_path / 'r.json'}"]) == 2
+    assert "the weights became NaN or infinite while training task" in capsys.readouterr().err
+    config = RunConfig(
+        benchmark="split-digits",
+        strategy="naive",
+        optimizer="sgd",
+        hidden=(8,),
+        max_train_samples=40,
+        epochs=1.0,
+    )
+    summary = sweep(config, [1e30, 0.05], tmp_path, param="lr")
+    assert "NaN or infinite" in summary["points"][0]["error"] and summary["chosen"] == 0.05

@@ -201,3 +201,35 @@ def test_fused_optimizer_falls_back_where_torch_has_no_fused_kernel(
     optimizer = training._make_optimizer("adam", 1e-3, mlp())
     assert isinstance(optimizer, OldAdam)
     assert not optimizer.defaults.get("fused")
+
+
+def _autocast_forward(model: nn.Module, batch: tuple) -> tuple:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(batch[0]), batch[1]
+
+
+@pytest.mark.parametrize("where", ["inside forward", "around the call"])
+def test_fisher_under_autocast_matches_float32(where: str) -> None:
+    """Trainers (accelerate) run the forward under bfloat16 autocast: the rules get bf16 inputs
+    and gradients of float32 layers, and compute in float32 (autocast off inside them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 8),
+        nn.LayerNorm(8),
+        nn.Linear(8, 3),
+    )
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g))]
+    reference = ewc.fisher_diagonal(model, data)
+    if where == "inside forward":
+        mixed = ewc.fisher_diagonal(model, data, forward=_autocast_forward)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = ewc.fisher_diagonal(model, data)
+    for name, f in reference.items():
+        assert mixed[name].dtype == torch.float32
+        error = float((mixed[name] - f).abs().sum() / f.abs().sum())
+        assert error < 0.05, (name, error)

@@ -6,16 +6,16 @@ match a float64 CPU reference. ``pytest -m cuda`` runs the GPU half alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
+from test_devices import REGULARIZERS
 from test_fisher import CASES, PER_SAMPLE_KINDS, _setup
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ewc
-from ewc.regularizers import QuadraticRegularizer
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -54,15 +54,6 @@ def test_fisher_of_a_model_on_the_device_from_cpu_batches(
         torch.testing.assert_close(
             actual[param_name].double().cpu(), f, rtol=2e-3, atol=1e-6 * float(f.abs().max())
         )
-
-
-REGULARIZERS: dict[str, Callable[[nn.Module], QuadraticRegularizer]] = {
-    "ewc": lambda m: ewc.EWC(m, lam=10.0),
-    "online-ewc": lambda m: ewc.OnlineEWC(m, lam=10.0, gamma=0.9),
-    "si": lambda m: ewc.SI(m, lam=10.0),
-    "mas": lambda m: ewc.MAS(m, lam=10.0),
-    "l2": lambda m: ewc.L2(m, lam=10.0),
-}
 
 
 def _loader() -> DataLoader:

@@ -16,7 +16,7 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-OPTIONAL = ("matplotlib", "yaml", "sklearn", "tqdm", "transformers", "peft", "lightning")
+OPTIONAL = ("matplotlib", "yaml", "ruamel", "sklearn", "tqdm", "transformers", "peft", "lightning")
 
 
 def python(code: str) -> subprocess.CompletedProcess[str]:

@@ -190,3 +190,14 @@ def test_configuration_lists_only_the_settings_that_apply(tmp_path):
     page = write_report([run], tmp_path / "r.html")[0].read_text(encoding="utf-8")
     config = re.search(r"<details><summary>.*?</summary><pre>(.*?)</pre>", page, re.S)
     assert config and json.loads(html.unescape(config.group(1))) == run["settings"]
+
+
+def test_the_training_loss_is_drawn_beside_the_accuracy_curves(tmp_path):
+    runs = [_load(p) for p in RUNS]
+    for run in runs:
+        run["curves"]["loss"] = [None, *(1.0 for _ in run["curves"]["step"][1:])]
+    page = write_report(runs, tmp_path / "r.html")[0].read_text(encoding="utf-8")
+    section = page.split("<h2>Accuracy and loss during training</h2>")[1].split("<h2>")[0]
+    assert len(IMG.findall(section)) == 2
+    assert "Test accuracy on every task during training" in section
+    assert "Training loss, same runs: the task&#x27;s cross-entropy (solid)" in section

@@ -166,7 +166,12 @@ def _report_exit(path: Path, out: Path) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(run=_mutated_run())
 def test_report_on_any_mutated_results_exits_0_or_2_with_one_line(tmp_path_factory, run):
     folder = tmp_path_factory.mktemp("fuzz")

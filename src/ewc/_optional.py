@@ -12,7 +12,7 @@ from types import ModuleType
 #: extra -> what it brings, for the error message.
 EXTRAS = {
     "plots": "plots and the HTML report (matplotlib)",
-    "cli": "the command line's YAML configs and progress bars (pyyaml, tqdm)",
+    "cli": "the command line's YAML configs and progress bars (ruamel.yaml, tqdm)",
     "digits": "the offline scikit-learn digits benchmarks (scikit-learn)",
     "hf": "the Hugging Face Trainer callback (transformers, peft)",
     "lightning": "the Lightning callback (lightning)",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ewc import distributed
 from ewc.regularizers import Regularizer
 from ewc.results import atomic_write_bytes
 
@@ -102,5 +103,7 @@ def resume(
 
 
 def remove_checkpoint(path: str | os.PathLike[str]) -> None:
-    """Delete the checkpoint at ``path``, if any (once the run's results are saved)."""
-    Path(path).unlink(missing_ok=True)
+    """Delete the checkpoint at ``path``, if any (once the run's results are saved); under
+    torchrun, rank 0 does, as it wrote it."""
+    if distributed.is_main_process():
+        Path(path).unlink(missing_ok=True)

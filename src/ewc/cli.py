@@ -100,6 +100,15 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--out", type=Path, required=True, help=out_help)
 
 
+def _add_log_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        help="write loss, penalty and accuracy there while training runs: TensorBoard event "
+        "files and scalars.csv (one subfolder per run for compare and demo)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ewc",
@@ -115,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=None, help=f"one of {', '.join(STRATEGIES)}")
     p.add_argument("--fresh", action="store_true", help="rerun even where results exist")
     _add_run_options(p, "results file (.json); a report is written beside it")
+    _add_log_dir(p)
 
     p = sub.add_parser("compare", help="several strategies on identical seeds and data")
     p.add_argument(
@@ -124,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")
     p.add_argument("--fresh", action="store_true", help="rerun even where results exist")
     _add_run_options(p, "output folder: one JSON per run, summary.csv, summary.md, report")
+    _add_log_dir(p)
 
     p = sub.add_parser("sweep", help="choose λ (or another field) on validation data")
     p.add_argument("--strategy", default=None, help=f"one of {', '.join(STRATEGIES)}")
@@ -145,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    _add_log_dir(p)
 
     p = sub.add_parser("report", help="HTML + Markdown report from results files")
     p.add_argument("results", nargs="+", type=Path, help="results JSON files (and a sweep.json)")
@@ -224,7 +236,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     config = _run_config(args)
     reports = [] if args.no_report else [args.out.with_suffix(".html"), args.out.with_suffix(".md")]
     _check_outputs(args, [args.out, *reports])
-    result = run_and_save(config, args.out, progress=not args.quiet, resume=not args.fresh)
+    progress, resume = not args.quiet, not args.fresh
+    result = run_and_save(config, args.out, progress, resume, log_dir=args.log_dir)
     print(f"results: {args.out}")
     print(format_table([result]))
     if not args.no_report:
@@ -246,6 +259,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         args.out,
         progress=not args.quiet,
         resume=not args.fresh,
+        log_dir=args.log_dir,
     )
     _finish(results, args.out, args)
 
@@ -299,7 +313,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         )
         print(note, file=sys.stderr)
     print(f"demo: {base.benchmark}, strategies {', '.join(DEMO_STRATEGIES)}")
-    results = compare(base, DEMO_STRATEGIES, [0], args.out, progress=not args.quiet, resume=False)
+    results = compare(
+        base,
+        DEMO_STRATEGIES,
+        [0],
+        args.out,
+        progress=not args.quiet,
+        resume=False,
+        log_dir=args.log_dir,
+    )
     _finish(results, args.out, args)
     if stand_in:
         print(note + " The results and the report say so too.", file=sys.stderr)

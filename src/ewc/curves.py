@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ewc.logger import ScalarLogger
-from ewc.regularizers import QuadraticRegularizer
+from ewc.regularizers import Regularizer
 
 
 class Curves:
@@ -81,6 +81,6 @@ class Curves:
 
 
 @torch.no_grad()
-def penalty_value(reg: QuadraticRegularizer | None) -> Tensor | None:
+def penalty_value(reg: Regularizer | None) -> Tensor | None:
     """The regularizer's current penalty (λ/2)·Σ Ω (θ − θ*)², or None without one."""
     return None if reg is None else reg.penalty().detach()

@@ -54,7 +54,13 @@ from ewc.fisher.errors import FisherError
 from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likelihood
 from ewc.fisher.rules import layer_input
 from ewc.fisher.rules.conv import _padded_2d
-from ewc.regularizers import Strategy, _check_lam, register
+from ewc.regularizers import (
+    Strategy,
+    _check_fisher_samples,
+    _check_gamma,
+    _check_lam,
+    register,
+)
 
 KINDS = ("exact", "sampled", "empirical")
 
@@ -141,19 +147,11 @@ class KFAC:
     ) -> None:
         if fisher not in KINDS:
             raise ValueError(f"KFAC needs fisher in {list(KINDS)}; got fisher={fisher!r}.")
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 < gamma <= 1:
-            raise ValueError(f"gamma must lie in (0, 1]; got gamma={gamma!r}.")
-        if fisher_samples is not None and (
-            isinstance(fisher_samples, bool)
-            or not isinstance(fisher_samples, int)
-            or fisher_samples < 1
-        ):
-            raise ValueError(
-                f"fisher_samples must be a positive int or None; got {fisher_samples!r}."
-            )
+        self.gamma = _check_gamma(gamma)
+        self.fisher_samples = _check_fisher_samples(fisher_samples)
         self.likelihood = resolve_likelihood(likelihood, fisher)
         self.lam = _check_lam(lam)
-        self.fisher, self.gamma, self.fisher_samples = fisher, float(gamma), fisher_samples
+        self.fisher = fisher
         self.forward, self.seed, self.distributed = forward or default_forward, seed, distributed
         self.model = model = unwrap(model)
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -174,14 +174,28 @@ def _check_lam(lam: float) -> float:
     return float(lam)
 
 
-def _check_mode_gamma(mode: str, gamma: float) -> tuple[str, float]:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode={mode!r}; choose one of {', '.join(MODES)}.")
+def _check_gamma(gamma: Any) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
         raise ValueError(
             f"gamma must lie in (0, 1]; got gamma={gamma!r}. It is the online decay "
             "Ω̄ ← γ·Ω̄ + Ω_t (1 = no forgetting of old importance)."
         )
+    return float(gamma)
+
+
+def _check_fisher_samples(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"fisher_samples must be a positive int or None (all samples); got "
+            f"fisher_samples={value!r}."
+        )
+    return value
+
+
+def _check_mode_gamma(mode: str, gamma: float) -> tuple[str, float]:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode={mode!r}; choose one of {', '.join(MODES)}.")
+    _check_gamma(gamma)
     if mode == "separate" and gamma != 1:
         raise ValueError(
             f"gamma={gamma!r} only applies with mode='online'; pass mode='online' "
@@ -615,15 +629,7 @@ class EWC(QuadraticRegularizer):
     ) -> None:
         if fisher not in FISHER_KINDS:
             raise ValueError(f"unknown fisher={fisher!r}; choose one of {', '.join(FISHER_KINDS)}.")
-        if fisher_samples is not None and (
-            isinstance(fisher_samples, bool)
-            or not isinstance(fisher_samples, int)
-            or fisher_samples < 1
-        ):
-            raise ValueError(
-                f"fisher_samples must be a positive int or None (all samples); got "
-                f"fisher_samples={fisher_samples!r}."
-            )
+        _check_fisher_samples(fisher_samples)
         resolve_likelihood(likelihood, fisher)  # an unknown likelihood fails here, not at the end
         super().__init__(model, lam, mode=mode, gamma=gamma)
         self.fisher = fisher

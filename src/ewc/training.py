@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,13 +31,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ewc import __version__, distributed
-from ewc._optional import require
+from ewc import checkpoint as checkpoints
 from ewc.config import ConfigError, check_device, check_fields
+from ewc.curves import Curves, penalty_value
 from ewc.data.datasets import to_float
 from ewc.data.streams import BENCHMARKS, Task, TaskStream, make_stream
 from ewc.kfac import KFAC  # noqa: F401 (importing it registers the "kfac" strategy)
+from ewc.logger import ScalarLogger
 from ewc.metrics import compute_metrics
 from ewc.models import MODEL_NAMES, build_model
+from ewc.progress import Progress
 from ewc.regularizers import (
     REGULARIZERS,
     QuadraticRegularizer,
@@ -128,6 +132,9 @@ BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
             "l2/task": 1e-4,
             "l2/domain": 1e-4,
             "l2/class": 10.0,
+            "kfac/task": 1e2,
+            "kfac/domain": 1e2,
+            "kfac/class": 10.0,
         },
     ),
     # SGD: with Adam, EWC barely holds the first task here (docs/results.md).
@@ -151,6 +158,10 @@ BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
             "l2/task": 1e-3,
             "l2/domain": 0.01,
             "l2/class": 1e-4,
+            # K-FAC's explicit penalty gradient diverges from λ = 10 at this SGD step size.
+            "kfac/task": 1.0,
+            "kfac/domain": 1.0,
+            "kfac/class": 1.0,
         },
     ),
 }
@@ -513,6 +524,8 @@ def run(
     model: nn.Module | None = None,
     progress: bool = False,
     on_task_end: Callable[[int, list[float]], None] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train the tasks of a stream in sequence and return a results dict (schema ewc.results/1).
 
@@ -522,10 +535,19 @@ def run(
             built from ``config.benchmark`` when omitted.
         model: your own ``nn.Module`` mapping a float batch ``[B, *input_shape]`` to logits
             ``[B, stream.n_outputs]``; built from ``config.model`` when omitted.
-        progress: show a progress bar (tqdm) over optimizer steps.
+        progress: show progress bars (tqdm), one per phase: each task's training, its Fisher
+            (or other importance), testing (:mod:`ewc.progress`).
         on_task_end: called as ``on_task_end(task_index, accuracies)`` after each task.
+        log_dir: log the curves (loss, penalty, accuracy) there while training runs: a CSV file
+            and TensorBoard event files (:mod:`ewc.logger`; the ``tensorboard`` extra).
+        checkpoint: a file where the run's state is saved after each task (:mod:`ewc.checkpoint`);
+            a run of the same config resumes from it, and ends as if never interrupted.
+
+    Raises:
+        DivergedError: the weights became NaN or infinite (the step or λ is too large).
     """
     cfg = resolve_config(config)
+    settings = applicable_settings(cfg, own_model=model is not None, own_stream=stream is not None)
     # Filled by resolve_config; asserted for the type checker.
     assert cfg.model is not None and cfg.batch_size is not None and cfg.lr is not None
     t_start = time.perf_counter()
@@ -555,20 +577,22 @@ def run(
     if cfg.strategy in REGULARIZED:
         reg = _make_regularizer(cfg, model)
 
-    def accuracies(stage: int, limit: int | None = None) -> list[float]:
+    def accuracies(stage: int, limit: int | None = None, what: str = "") -> list[float]:
+        sets = bars.iterate(eval_sets, what, len(eval_sets), "task") if what else eval_sets
         return [
             evaluate(model, e.x[:limit], e.y[:limit], masks.eval(stage, j))
-            for j, e in enumerate(eval_sets)
+            for j, e in enumerate(sets)
         ]
+
+    bars = Progress(progress and distributed.is_main_process(), f"{cfg.strategy} seed {cfg.seed}")
+    logger = ScalarLogger(log_dir) if log_dir is not None else None
+    curves = Curves([t.name for t in tasks], penalty=reg is not None, logger=logger)
 
     timings = {"train_s": 0.0, "fisher_s": 0.0, "eval_s": 0.0}
     tic = time.perf_counter()
     random_init = accuracies(-1)
     timings["eval_s"] += time.perf_counter() - tic
     matrix: list[list[float]] = []
-    curve_steps: list[int] = []
-    curve_acc: list[list[float]] = []
-    boundaries: list[int] = []
     importance: list[dict[str, Any]] = []
     step = 0
     steps_per_task = [
@@ -577,9 +601,19 @@ def run(
         )
         for t, s in enumerate(train_sets)
     ]
-    bar = _progress_bar(progress and distributed.is_main_process(), sum(steps_per_task), cfg)
-    for t in range(len(tasks)):
-        boundaries.append(step)
+    first = 0
+    if checkpoint is not None:
+        restored = checkpoints.resume(checkpoint, cfg.to_dict(), model, optimizer, reg, generator)
+        if restored is not None:
+            first, saved = restored
+            random_init, matrix, importance, timings, step = (saved[k] for k in _RUN_STATE[:5])
+            for key, values in saved["curves"].items():  # Curves.to_dict(): its own lists
+                getattr(curves, key)[:] = values
+            t_start -= timings.pop("total_s")  # the time the interrupted process(es) took
+    for t in range(first, len(tasks)):
+        curves.task_boundaries.append(step)
+        task = f"task {t + 1}/{len(tasks)}"
+        bar = bars.bar(f"{task} {tasks[t].name} · training", steps_per_task[t], "step")
         x, y, ids = _stage_data(train_sets, t, joint=cfg.strategy == "joint")
         # Joint training in the task scenario mixes tasks in a batch: one mask row per sample.
         per_sample = cfg.strategy == "joint" and stream.scenario == "task"
@@ -590,14 +624,14 @@ def run(
             if step % every == 0:
                 timings["train_s"] += time.perf_counter() - tic
                 tic = time.perf_counter()
-                curve_steps.append(step)
-                curve_acc.append(accuracies(t, cfg.curve_samples))
+                curves.point(step, accuracies(t, cfg.curve_samples), penalty_value(reg))
                 timings["eval_s"] += time.perf_counter() - tic
                 tic = time.perf_counter()
             n_batch, idx = len(idx), distributed.shard(idx)
             active = masks.rows[ids[idx]] if per_sample else active_row
             logits = _mask_logits(trained(to_float(x[idx])), active)
             loss = _mean_loss(logits, y[idx], n_batch)
+            curves.add_loss(loss)
             if reg is not None and cfg.penalty == "autograd":
                 loss = loss + reg.penalty()
             optimizer.zero_grad(set_to_none=True)
@@ -611,33 +645,43 @@ def run(
                     reg.proximal_step(cfg.lr)
                 reg.after_step()
             step += 1
-            if bar is not None:
-                bar.update()
+            bar.update()
+        bar.close()
         timings["train_s"] += time.perf_counter() - tic
+        _check_finite(model, tasks[t].name)
         if reg is not None and t < len(tasks) - 1:  # nothing follows the last task to protect
             tic = time.perf_counter()
             order = torch.randperm(len(train_sets[t].y), generator=generator).to(device)
             if cfg.fisher_samples is not None:
                 order = order[: cfg.fisher_samples]
             order = distributed.shard(order)  # each rank its part; the Fisher is all-reduced
-            reg.consolidate(_Batches(train_sets[t].x, train_sets[t].y, active_row, 1024, order))
+            batches = _Batches(train_sets[t].x, train_sets[t].y, active_row, 1024, order)
+            what = f"{task} · {_importance_name(cfg)} on {len(order)} samples"
+            reg.consolidate(bars.iterate(batches, what, math.ceil(len(order) / 1024), "batch"))
             timings["fisher_s"] += time.perf_counter() - tic
             importance.append(_importance_summary(reg.importance, model, stream.input_shape, t))
         tic = time.perf_counter()
-        matrix.append(accuracies(t))
-        curve_steps.append(step)
-        curve_acc.append(accuracies(t, cfg.curve_samples))
+        matrix.append(accuracies(t, what=f"{task} · testing on every task"))
+        curves.point(step, accuracies(t, cfg.curve_samples), penalty_value(reg))
         timings["eval_s"] += time.perf_counter() - tic
+        if checkpoint is not None and t < len(tasks) - 1:
+            timings["total_s"] = time.perf_counter() - t_start
+            state = (random_init, matrix, importance, timings, step, curves.to_dict())
+            partial = dict(zip(_RUN_STATE, state, strict=True))
+            checkpoints.save(
+                checkpoint, cfg.to_dict(), t + 1, model, optimizer, reg, generator, partial
+            )
         if on_task_end is not None:
             on_task_end(t, matrix[-1])
-    if bar is not None:
-        bar.close()
+    if logger is not None:
+        logger.close()
     timings["total_s"] = time.perf_counter() - t_start
     return {
         "schema": RESULTS_SCHEMA,
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": cfg.to_dict(),
+        "settings": settings,
         "strategy": cfg.strategy,
         "benchmark": stream.name,
         "scenario": stream.scenario,
@@ -646,10 +690,29 @@ def run(
         "accuracy_matrix": matrix,
         "random_init_accuracy": random_init,
         "metrics": compute_metrics(matrix, random_init),
-        "curves": {"step": curve_steps, "task_boundaries": boundaries, "accuracy": curve_acc},
+        "curves": curves.to_dict(),
         "timings": timings,
         "importance": importance,
     }
+
+
+#: The partial results that :func:`run` keeps in its checkpoints.
+_RUN_STATE = ("random_init", "matrix", "importance", "timings", "step", "curves")
+
+
+class DivergedError(ValueError):
+    """Training made the model's weights NaN or infinite."""
+
+
+def _check_finite(model: nn.Module, task: str) -> None:
+    """Raise :class:`DivergedError` naming the parameters that are no longer finite."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise DivergedError(
+            f"the weights became NaN or infinite while training task {task!r} (in "
+            f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the step (lr) or the "
+            "penalty (lam) is too large; lower it, or use penalty='proximal' with SGD"
+        )
 
 
 def _mean_loss(logits: Tensor, y: Tensor, n_batch: int) -> Tensor:
@@ -714,11 +777,10 @@ def _make_regularizer(cfg: RunConfig, model: nn.Module) -> Regularizer:
     return make_regularizer(cfg.strategy, model, **kwargs)
 
 
-def _progress_bar(enabled: bool, total: int, cfg: RunConfig) -> Any:
-    if not enabled:
-        return None
-    tqdm = require("tqdm.auto", "cli").tqdm
-    return tqdm(total=total, desc=f"{cfg.strategy} seed {cfg.seed}", unit="step", leave=False)
+def _importance_name(cfg: RunConfig) -> str:
+    """What ``consolidate`` computes from the task's data, for its progress bar."""
+    named = {"mas": "MAS importance", "kfac": "K-FAC factors"}
+    return named.get(cfg.strategy, f"{cfg.fisher} Fisher")
 
 
 # ----------------------------------------------------------------------------- several runs
@@ -736,9 +798,11 @@ def compare(
     out_dir: str | Path,
     progress: bool = False,
     resume: bool = True,
+    log_dir: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run several strategies on identical seeds and data; write one results file per run as it
-    finishes (so an interrupted comparison keeps what it finished) and ``summary.csv``.
+    finishes (so an interrupted comparison keeps what it finished) and ``summary.csv``; with
+    ``log_dir``, each run logs its curves to ``log_dir/<strategy>-seed<seed>/`` (see :func:`run`).
 
     Every run's settings and the output folder are checked before the first run starts: each
     strategy and seed once, no setting that none of the strategies reads. A setting read by
@@ -766,7 +830,8 @@ def compare(
         )
     out = check_output(out_dir, folder=True)
     results = [
-        run_and_save(c, result_path(out, c.strategy, c.seed), progress, resume) for c in configs
+        run_and_save(c, result_path(out, c.strategy, c.seed), progress, resume, _logs(log_dir, c))
+        for c in configs
     ]
     write_summary_csv(results, out / "summary.csv")
     return results
@@ -780,16 +845,30 @@ def _run_update(strategy: str, seed: int | str) -> dict[str, Any]:
     return {**unread, "strategy": strategy, "seed": seed}
 
 
+def _logs(log_dir: str | os.PathLike[str] | None, cfg: RunConfig) -> Path | None:
+    """Where one run of a comparison logs its curves: ``log_dir/<strategy>-seed<seed>``."""
+    return None if log_dir is None else Path(log_dir) / f"{cfg.strategy}-seed{cfg.seed}"
+
+
 def run_and_save(
-    cfg: RunConfig, path: str | Path, progress: bool = False, resume: bool = True
+    cfg: RunConfig,
+    path: str | Path,
+    progress: bool = False,
+    resume: bool = True,
+    log_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """The results of ``cfg``: read from ``path`` (a results JSON) if they are there with this
-    config and ``resume``, else run and saved there."""
-    previous = _load_matching(path, cfg) if resume else None
-    if previous is not None:
-        return previous
-    result = run(cfg, progress=progress)
-    save_results(result, path)
+    config and ``resume``, else run (logging to ``log_dir``, if given) and saved there. The run
+    saves a checkpoint after each task next to ``path`` (:func:`ewc.checkpoint.checkpoint_path`),
+    resumes from it with ``resume``, and removes it once the results are saved."""
+    ckpt = checkpoints.checkpoint_path(path)
+    result = _load_matching(Path(path), cfg) if resume else None
+    if result is None:
+        if not resume:
+            checkpoints.remove_checkpoint(ckpt)
+        result = run(cfg, progress=progress, log_dir=log_dir, checkpoint=ckpt)
+        save_results(result, path)
+    checkpoints.remove_checkpoint(ckpt)
     return result
 
 

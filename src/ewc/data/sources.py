@@ -489,13 +489,17 @@ def _fetch(url: str, target: Path, dataset: str, file: RemoteFile, opener: Opene
         with os.fdopen(fd, "wb") as out, opener(url) as response:
             headers = getattr(response, "headers", None)
             total = int(headers.get("Content-Length") or 0) if headers is not None else 0
-            bar = tqdm and tqdm(
-                total=total or None, unit="B", unit_scale=True, desc=file.name, disable=None
-            )
-            with bar or contextlib.nullcontext():
+            bar = (
+                None
+                if tqdm is None
+                else tqdm(
+                    total=total or None, unit="B", unit_scale=True, desc=file.name, disable=None
+                )
+            )  # a tqdm bar without a total has no truth value: compare with None
+            with contextlib.nullcontext() if bar is None else bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
-                    if bar:
+                    if bar is not None:
                         bar.update(len(chunk))
         md5 = next((m for m in _file_md5s(tmp) if m in (file.md5_gz, file.md5_raw)), None)
         if md5 is None:

@@ -217,8 +217,12 @@ class HookEngine:
                 start = stop
                 present = [g for g in grad_outputs if g is not None]
                 if present:
-                    with torch.no_grad():
-                        part = h.rule(h.module, call.args, call.kwargs, present, **self._power)
+                    # Under autocast, inputs and output-gradients may be float16/bfloat16 while
+                    # the parameters are float32: rules work in the parameters' dtype.
+                    p = next(iter(h.params.values()))[1]
+                    args, kwargs, present = _cast((call.args, call.kwargs, present), p.dtype)
+                    with torch.no_grad(), torch.autocast(p.device.type, enabled=False):
+                        part = h.rule(h.module, args, kwargs, present, **self._power)
                     accumulate(sums, {h.params[local][0]: v for local, v in part.items()})
         return sums
 
@@ -241,6 +245,13 @@ def _expand(leaf: Any, n: int) -> Any:
     if isinstance(leaf, Tensor) and leaf.ndim >= 1 and leaf.shape[0] == 1:
         return leaf.expand(n, *leaf.shape[1:])
     return leaf
+
+
+def _cast(tree: Any, dtype: torch.dtype) -> Any:
+    """``tree`` with its floating-point tensors in ``dtype`` (others unchanged)."""
+    return tree_map(
+        lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, tree
+    )
 
 
 def _detach(leaf: Any) -> Any:

@@ -4,7 +4,7 @@ Usage, one callback for the whole sequence of tasks::
 
     from ewc.integrations.huggingface import EWCCallback
 
-    ewc_cb = EWCCallback(lam=1e3)
+    ewc_cb = EWCCallback(lam=1e5)
     for task_dataset in tasks:
         Trainer(model=model, args=args, train_dataset=task_dataset, callbacks=[ewc_cb]).train()
 
@@ -21,7 +21,9 @@ when a ``GradScaler`` is active. The parameters do not change during a step, so 
 same gradient; the backward passes accumulate onto it, and gradient accumulation, clipping,
 unscaling and DDP's all-reduce (identical penalties on every rank average to themselves) then
 see exactly the gradient of "task loss + penalty". SI's path integral is updated at
-``on_optimizer_step``, skipped when the loss scaler skipped the step.
+``on_optimizer_step``, skipped when the loss scaler skipped the step. The consolidation runs the
+model without the autocast that accelerate wraps around its ``forward`` under ``bf16`` /
+``fp16``: the Fisher is computed in the parameters' precision.
 
 With a PEFT model, the parameters regularized are those that require grad when the first
 training starts: the adapter (and ``modules_to_save``, e.g. the classification head), not the
@@ -30,6 +32,8 @@ frozen base. DeepSpeed and FSDP, which shard parameters, are not supported.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
@@ -111,6 +115,24 @@ class EWCCallback(TrainerCallback):
             self._continual.after_step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        loader = kwargs.get("train_dataloader")
+        model, loader = kwargs["model"], kwargs.get("train_dataloader")
         data = self.data if self.data is not None else loader
-        self._continual.consolidate(kwargs["model"], data, like=loader)
+        with _plain_forward(model):
+            self._continual.consolidate(model, data, like=loader)
+
+
+@contextmanager
+def _plain_forward(model: nn.Module) -> Iterator[None]:
+    """``model.forward`` without the autocast that accelerate wraps around it for ``bf16`` /
+    ``fp16`` training (it keeps the plain one as ``model._original_forward``): inside, the
+    Fisher is computed in the parameters' own precision."""
+    plain = getattr(model, "_original_forward", None)
+    if plain is None:
+        yield
+        return
+    wrapped = model.forward
+    model.forward = plain
+    try:
+        yield
+    finally:
+        model.forward = wrapped
