@@ -136,3 +136,21 @@ def test_compare_gives_each_run_its_own_log_folder(tmp_path, capsys):
     for name in ("naive-seed0", "ewc-seed0"):
         folder = tmp_path / "logs" / name
         assert _csv_rows(folder) and list(folder.glob("events.out.tfevents.*"))
+
+
+def test_a_resumed_run_logs_the_whole_run(tmp_path):
+    """Killed after the first task and resumed from its checkpoint, the run's CSV holds every
+    curve point once, as an uninterrupted run's does (the restored points are logged again)."""
+
+    class Killed(Exception):
+        pass
+
+    def die(t: int, accuracies: list[float]) -> None:
+        raise Killed
+
+    config, logs, ckpt = _tiny("ewc", lam=1e3), tmp_path / "logs", tmp_path / "r.ckpt.pt"
+    with pytest.raises(Killed):
+        run(config, on_task_end=die, log_dir=logs, checkpoint=ckpt)
+    result = run(config, log_dir=logs, checkpoint=ckpt)
+    steps = [int(r["step"]) for r in _csv_rows(logs) if r["tag"] == "loss/penalty"]
+    assert steps == result["curves"]["step"]

@@ -22,8 +22,9 @@ from ewc.report import write_report
 DATA = Path(__file__).parent / "data" / "report"
 RUNS = sorted(DATA.glob("*-seed*.json"))
 SWEEP = DATA / "sweep.json"
-# final accuracy, curves, one accuracy matrix per strategy, importance (ewc only), sweep
-FIGURES = 1 + 1 + 2 + 1 + 1
+# final accuracy, curves, one accuracy matrix per strategy, importance (ewc only), sweep (the
+# λ trade-off and the frontier)
+FIGURES = 1 + 1 + 2 + 1 + 2
 TITLE = "EWC vs naive <on> permuted & digits"
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 EXTERNAL = re.compile(r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:)?//|url\(|@import""", re.I)

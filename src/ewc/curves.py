@@ -58,13 +58,24 @@ class Curves:
         self.step.append(step)
         self.accuracy.append(accuracy)
         self.loss.append(loss)
-        value = None if penalty is None else float(penalty)
-        self.penalty.append(value)
-        if self.logger is not None:
-            scalars = {"loss/cross_entropy": loss, "loss/penalty": value}
-            for name, acc in zip(self.task_names, accuracy, strict=True):
-                scalars[f"accuracy/{name}"] = 100 * acc
-            self.logger.log(step, scalars)
+        self.penalty.append(None if penalty is None else float(penalty))
+        self._log(len(self.step) - 1)
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Take the points of :meth:`to_dict` output (a run resumed from a checkpoint) and log
+        them again, so that the log files hold the whole run."""
+        for key in ("step", "task_boundaries", "accuracy", "loss", "penalty"):
+            getattr(self, key)[:] = saved.get(key, [None] * len(saved["step"]))
+        for index in range(len(self.step)):
+            self._log(index)
+
+    def _log(self, index: int) -> None:
+        if self.logger is None:
+            return
+        scalars = {"loss/cross_entropy": self.loss[index], "loss/penalty": self.penalty[index]}
+        for name, acc in zip(self.task_names, self.accuracy[index], strict=True):
+            scalars[f"accuracy/{name}"] = 100 * acc
+        self.logger.log(self.step[index], scalars)
 
     def to_dict(self) -> dict[str, Any]:
         """The results' ``curves``: ``step``, ``task_boundaries``, ``accuracy`` [point][task]

@@ -321,6 +321,99 @@ def plot_lambda_tradeoff(sweep: Mapping[str, Any]) -> Figure:
     return fig
 
 
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One strategy at one λ: the accuracy kept on the old tasks and reached on the last one."""
+
+    strategy: str
+    lam: float | None
+    old: MeanStd  # mean accuracy on the tasks before the last, after the last (kept)
+    new: MeanStd  # accuracy on the last task after learning it (learned)
+
+
+def _old_mean(row: Sequence[float]) -> float:
+    return sum(row[:-1]) / max(len(row) - 1, 1)
+
+
+def frontier_points(results: Sequence[Results]) -> list[FrontierPoint]:
+    """Test runs grouped by strategy and λ (``config.lam``; None for naive and joint), each group
+    summarised over its seeds, in order of strategy (first appearance) and λ."""
+    groups: dict[tuple[str, float | None], list[Results]] = {}
+    for r in _same_tasks(results):
+        groups.setdefault((str(r["strategy"]), r["config"].get("lam")), []).append(r)
+    order = list(dict.fromkeys(key[0] for key in groups))
+    points = [
+        FrontierPoint(
+            strategy,
+            lam,
+            MeanStd.of([_old_mean(r["accuracy_matrix"][-1]) for r in runs]),
+            MeanStd.of([r["accuracy_matrix"][-1][-1] for r in runs]),
+        )
+        for (strategy, lam), runs in groups.items()
+    ]
+    return sorted(points, key=lambda p: (order.index(p.strategy), p.lam or 0.0))
+
+
+def sweep_frontier_points(sweep: Mapping[str, Any]) -> list[FrontierPoint]:
+    """A λ sweep's validation points (one seed; failed points left out) as frontier points."""
+    return [
+        FrontierPoint(
+            str(sweep.get("strategy")),
+            p["value"],
+            MeanStd.of([p["val_old_acc"]]),
+            MeanStd.of([p["val_new_acc"]]),
+        )
+        for p in sorted(sweep["points"], key=lambda p: p["value"])
+        if "error" not in p
+    ]
+
+
+def plot_frontier(
+    points: Sequence[FrontierPoint],
+    references: Mapping[str, tuple[float, float]] | None = None,
+    data: str = "test",
+) -> Figure:
+    """The forgetting-learning frontier: the old tasks kept (y) against the last task learned
+    (x), one point per strategy and λ (error bars: std over seeds; λ written beside each point),
+    a strategy's points joined in order of λ; naive fine-tuning and joint training (no λ) are
+    single points. What a user reads λ off: how much of the new task each step of protection
+    costs. ``references``: more points by name, ``{name: (new, old)}`` as fractions (e.g. a
+    published result); ``data``: which accuracies these are (test, validation)."""
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for strategy in dict.fromkeys(p.strategy for p in points):
+        mine = [p for p in points if p.strategy == strategy]
+        x, y = _pct([p.new.mean for p in mine]), _pct([p.old.mean for p in mine])
+        xerr, yerr = (
+            _pct([s.std or 0.0 for s in side])
+            for side in ([p.new for p in mine], [p.old for p in mine])
+        )
+        seeds = max(p.old.n for p in mine)
+        ink = strategy_color(strategy)
+        label = f"{strategy} ({seeds} seed{'s' if seeds > 1 else ''})"
+        ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt="-o", color=ink, capsize=3, ms=5, label=label)
+        for p, xi, yi in zip(mine, x, y, strict=True):
+            if p.lam is not None:
+                ax.annotate(
+                    f"λ={p.lam:g}",
+                    (xi, yi),
+                    xytext=(5, 4),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color=ink,
+                )
+    for i, (name, (new, old)) in enumerate((references or {}).items()):
+        ax.plot(100 * new, 100 * old, "*", ms=14, color=color(6 + i), label=name)
+    ax.set(
+        xlabel=f"last task: {data} accuracy after learning it (%)",
+        ylabel=f"earlier tasks: {data} accuracy kept after the last (%)",
+    )
+    ax.set_title("Forgetting against learning: one point per strategy and λ")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
 def plot_importance(results: Results) -> Figure:
     """Where the importance lies: per-layer Fisher histograms and the per-pixel input importance.
 

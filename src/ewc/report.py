@@ -30,9 +30,11 @@ from ewc.plots import (
     plot_accuracy_curves,
     plot_accuracy_matrix,
     plot_final_accuracy,
+    plot_frontier,
     plot_importance,
     plot_lambda_tradeoff,
     plot_training_loss,
+    sweep_frontier_points,
 )
 from ewc.results import (
     RESULTS_SCHEMA,
@@ -351,7 +353,11 @@ def _sections(runs: Sequence[Results], sweep: Mapping[str, Any] | None) -> list[
     if importance:
         sections.append(("Where the importance lies", "\n".join(importance)))
     if sweep is not None:
-        sweep_html = _figure(plot_lambda_tradeoff(sweep), _sweep_line(sweep))
+        sweep_html = _figure(plot_lambda_tradeoff(sweep), _sweep_line(sweep)) + _figure(
+            plot_frontier(sweep_frontier_points(sweep), data="validation"),
+            "The same grid as a frontier: earlier tasks kept against the last task learned, "
+            "one point per λ (validation, one seed). Read λ off where the trade-off suits you.",
+        )
         sections.append(("Sweep", sweep_html + _html_table(sweep_table(sweep))))
     sections += [
         ("Runs, timings and versions", _html_table(runs_table(runs))),

@@ -78,7 +78,12 @@ BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
     # The seed notebook: SimpleCNN, Adam 1e-3, batch 512, 2 epochs a task, one shared head.
     # The exact Fisher of the CNN on 10,000 samples (~7x cheaper than on all 60,000).
     "fashion-mnist-to-mnist": dict(
-        model="cnn", epochs=2.0, batch_size=512, lr=1e-3, fisher_samples=10000, lam={"ewc": 1e4}
+        model="cnn",
+        epochs=2.0,
+        batch_size=512,
+        lr=1e-3,
+        fisher_samples=10000,
+        lam={"ewc": 1e4, "kfac": 10.0},
     ),
     "split-mnist": dict(
         **_HSU_2018,
@@ -607,8 +612,7 @@ def run(
         if restored is not None:
             first, saved = restored
             random_init, matrix, importance, timings, step = (saved[k] for k in _RUN_STATE[:5])
-            for key, values in saved["curves"].items():  # Curves.to_dict(): its own lists
-                getattr(curves, key)[:] = values
+            curves.restore(saved["curves"])  # and logged again: the log files hold it all
             t_start -= timings.pop("total_s")  # the time the interrupted process(es) took
     for t in range(first, len(tasks)):
         curves.task_boundaries.append(step)
