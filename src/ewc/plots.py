@@ -61,7 +61,10 @@ STRATEGY_COLORS = {
     "si": PALETTE[1],
     "mas": PALETTE[4],
     "l2": PALETTE[3],
+    "kfac": "#882255",  # wine (Tol's palette): the Okabe-Ito colours above are taken
 }
+#: Published or reference points drawn beside our runs (e.g. the seed notebook's result).
+REFERENCE_COLOR = "#7F7F7F"
 
 
 def color(i: int) -> str:
@@ -403,7 +406,8 @@ def plot_frontier(
                     color=ink,
                 )
     for i, (name, (new, old)) in enumerate((references or {}).items()):
-        ax.plot(100 * new, 100 * old, "*", ms=14, color=color(6 + i), label=name)
+        marker = "*PXD"[i % 4]
+        ax.plot(100 * new, 100 * old, marker, ms=12, color=REFERENCE_COLOR, label=name)
     ax.set(
         xlabel=f"last task: {data} accuracy after learning it (%)",
         ylabel=f"earlier tasks: {data} accuracy kept after the last (%)",

@@ -103,6 +103,7 @@ BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
             "l2/task": 1e-3,
             "l2/domain": 1e-3,
             "l2/class": 1e-4,
+            "kfac/domain": 1e6,
         },
     ),
     "split-fashion-mnist": _HSU_2018,
