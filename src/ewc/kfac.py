@@ -41,17 +41,16 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F
 
-from ewc.fisher import fisher_diagonal
 from ewc.fisher._util import eval_mode
 from ewc.fisher.batching import Forward, call_forward, default_forward
-from ewc.fisher.core import Feed, all_reduce, first_samples, sum_dtype, unwrap
+from ewc.fisher.core import Feed, all_reduce, first_samples, sample_mean, sum_dtype, unwrap
 from ewc.fisher.errors import FisherError
 from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likelihood
+from ewc.fisher.request import Request
 from ewc.fisher.rules import layer_input
 from ewc.fisher.rules.conv import _padded_2d
 from ewc.regularizers import (
@@ -246,17 +245,17 @@ class KFAC:
             batches = list(batches)
         factors = self._factors(batches)
         diagonal = {}
-        if self.diagonal:
-            full = fisher_diagonal(
+        if self.diagonal:  # hooks on the modules owning these parameters only
+            params: dict[str, Tensor] = {n: self._params[n] for n in self.diagonal}
+            request = Request(
                 self.model,
-                batches,
-                kind=self.fisher,
-                likelihood=self.likelihood,
-                forward=self.forward,
-                seed=self.seed,
-                distributed=self.distributed,
+                params,
+                self.forward,
+                self.fisher,
+                self.likelihood,
+                SeededGenerator(self.seed),
             )
-            diagonal = {n: full[n] for n in self.diagonal}
+            diagonal = sample_mean(request, batches, distributed=self.distributed)
         with torch.no_grad():
             self._weights = [w * self.gamma for w in self._weights] + [1.0]
             for layer, (a, g) in zip(self._layers, factors, strict=True):
@@ -317,7 +316,7 @@ class KFAC:
         finally:
             for h in handles:
                 h.remove()
-        if self.distributed and dist.is_available() and dist.is_initialized():
+        if self.distributed:
             total = all_reduce(sums, total)
         if total == 0:
             raise FisherError("batches yielded no samples; pass the task's non-empty data.")
@@ -479,6 +478,5 @@ register(
         ("fisher", "gamma"),
         uses_data=True,
         proximal=False,
-        summary="Kronecker-factored EWC (Ritter et al. 2018)",
     )
 )

@@ -878,7 +878,6 @@ class Strategy:
         uses_data: ``consolidate`` reads the task's batches (so ``fisher_samples`` and the
             runner's output masks apply; the runner passes ``forward``).
         proximal: has ``proximal_step`` (``--penalty proximal``).
-        summary: one line for ``--help`` and the docs.
     """
 
     name: str
@@ -887,7 +886,6 @@ class Strategy:
     options: tuple[str, ...] = ()
     uses_data: bool = False
     proximal: bool = True
-    summary: str = ""
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -905,11 +903,11 @@ def register(strategy: Strategy) -> Strategy:
     return strategy
 
 
-register(Strategy("ewc", EWC, 1e4, ("fisher",), True, summary="EWC, one penalty per task"))
-register(Strategy("online-ewc", OnlineEWC, 1e4, ("fisher", "gamma"), True, summary="online EWC"))
-register(Strategy("si", SI, 1e3, ("xi",), summary="Synaptic Intelligence"))
-register(Strategy("mas", MAS, 0.1, (), True, summary="Memory Aware Synapses"))
-register(Strategy("l2", L2, 1e-3, summary="L2 distance to the old solutions"))
+register(Strategy("ewc", EWC, 1e4, ("fisher",), uses_data=True))
+register(Strategy("online-ewc", OnlineEWC, 1e4, ("fisher", "gamma"), uses_data=True))
+register(Strategy("si", SI, 1e3, ("xi",)))
+register(Strategy("mas", MAS, 0.1, uses_data=True))
+register(Strategy("l2", L2, 1e-3))
 
 
 def make_regularizer(name: str, model: nn.Module, **kwargs: Any) -> Regularizer:

@@ -168,7 +168,7 @@ def sample_mean(
                 for name, value in part.items():
                     sums[name].add_(value)
                 total += n
-    if distributed and dist.is_available() and dist.is_initialized():
+    if distributed:
         total = all_reduce(sums, total)
     if total == 0:
         raise FisherError(
@@ -225,7 +225,10 @@ def sum_dtype(p: Tensor) -> torch.dtype:
 
 
 def all_reduce(sums: dict[str, Tensor], total: int) -> int:
-    """Sum ``sums`` (in place) and ``total`` over the default process group."""
+    """Sum ``sums`` (in place) and ``total`` over the default process group; without one,
+    return ``total`` and leave ``sums`` as they are."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return total
     for value in sums.values():
         dist.all_reduce(value)
     device = next(iter(sums.values())).device
