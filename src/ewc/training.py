@@ -314,7 +314,8 @@ def resolve_config(config: RunConfig) -> RunConfig:
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("fisher kind", cfg.fisher, FISHER_KINDS)
     if cfg.penalty is not None:
-        _choice("penalty path", cfg.penalty, PENALTY_PATHS if proximal else ("grad", "autograd"))
+        paths = PENALTY_PATHS if proximal else ("grad", "autograd")  # no proximal_step (K-FAC)
+        _choice(f"penalty path for {cfg.strategy}", cfg.penalty, paths)
     _choice("evaluate_on", cfg.evaluate_on, ("test", "val"))
     check_device(cfg.device)
     if cfg.evaluate_on == "val" and cfg.val_fraction == 0:
