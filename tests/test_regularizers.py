@@ -138,6 +138,48 @@ def test_gradient_and_proximal_paths_skip_frozen_parameters() -> None:
     assert not torch.equal(model[2].weight, reg.anchor["2.weight"])
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), frozen=st.booleans(), lr=st.floats(1e-3, 10.0))
+def test_foreach_and_per_tensor_paths_give_identical_steps(
+    seed: int, frozen: bool, lr: float
+) -> None:
+    """``reg.foreach`` only changes how θ - θ̄ is formed (one multi-tensor kernel, the GPU
+    default, or per-tensor ``out=`` into a kept buffer, the CPU default): the penalty gradient
+    and the proximal step are bit-for-bit the same, frozen parameters included."""
+    results = []
+    for foreach in (False, True):
+        model = mlp(seed)
+        reg = EWC(model, lam=7.0)
+        reg.foreach = foreach
+        reg.add_task({n: v.abs() for n, v in random_like(model, seed=seed).items()})
+        perturb(model, seed=seed + 1)
+        model[0].weight.requires_grad_(not frozen)  # frozen after consolidation: skipped
+        reg.add_penalty_grad()
+        reg.add_penalty_grad()  # the second call adds to the .grad the first created
+        grads_after = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        reg.proximal_step(lr)
+        results.append((grads_after, [p.detach().clone() for p in model.parameters()]))
+    (grads_loop, params_loop), (grads_foreach, params_foreach) = results
+    for a, b in zip(grads_loop + params_loop, grads_foreach + params_foreach, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert (model[0].weight.grad is None) == frozen
+
+
+def test_add_penalty_grad_compiles_into_one_graph() -> None:
+    """Under ``torch.compile(fullgraph=True)`` (a training step users compile) the penalty
+    gradient traces without a graph break and equals the eager one."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    reg = EWC(model, lam=5.0)
+    reg.add_task({n: v.abs().float() for n, v in random_like(model).items()})
+    perturb(model, seed=3)
+    reg.add_penalty_grad()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=False)
+    torch.compile(reg.add_penalty_grad, fullgraph=True, backend="eager")()
+    for p, e in zip(model.parameters(), eager, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-7)
+
+
 def test_penalty_supports_hessian_vector_products() -> None:
     model = mlp()
     reg = EWC(model, lam=3.0)
@@ -165,6 +207,29 @@ def test_online_decays_old_importance_and_anchors_at_the_latest_task() -> None:
         torch.testing.assert_close(reg.importance[n], 0.5 * f1[n] + f2[n])
         assert torch.equal(reg.anchor[n], p.detach())
     assert reg.constant == 0.0 and reg.mode == "online" and reg.n_tasks == 2
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.3])
+def test_online_and_separate_ewc_are_bit_identical_after_one_task(gamma: float) -> None:
+    """With one task consolidated the two modes hold the same state (importance F, anchor θ*,
+    no constant), whatever γ: on a two-task stream online EWC and EWC train identically, which
+    docs/results.md relies on for the seed experiment. They part from the second task on."""
+    states = []
+    for cls in (EWC, OnlineEWC):
+        model = mlp()
+        reg = cls(model, lam=3.0, **({"gamma": gamma} if cls is OnlineEWC else {}))
+        reg.consolidate(batches())
+        perturb(model, seed=2)
+        reg.add_penalty_grad()
+        states.append(
+            (reg.importance, reg.anchor, reg.constant, [p.grad for p in model.parameters()])
+        )
+    (f1, a1, c1, g1), (f2, a2, c2, g2) = states
+    assert c1 == c2 == 0.0
+    for x, y in zip(
+        [*f1.values(), *a1.values(), *g1], [*f2.values(), *a2.values(), *g2], strict=True
+    ):
+        assert torch.equal(x, y)
 
 
 def test_ewc_consolidate_uses_the_real_fisher() -> None:

@@ -233,6 +233,13 @@ class QuadraticRegularizer(ABC):
     signed_importance = False
     #: The attributes holding one state tensor per parameter (moved with the model).
     _per_parameter: tuple[str, ...] = ("_omega", "_anchor")
+    #: How :meth:`add_penalty_grad` and :meth:`proximal_step` form :math:`\theta-\bar\theta`,
+    #: as ``foreach`` of PyTorch's optimizers: ``None`` (default) chooses per device, ``True``
+    #: one multi-tensor kernel for all parameters (fewest kernel launches: the choice on GPUs),
+    #: ``False`` one ``torch.sub(..., out=)`` per parameter into a buffer kept between calls (no
+    #: allocation: the choice on CPUs, where fresh memory each step costs page faults). The
+    #: results are identical; settable on an instance (``reg.foreach = True``).
+    foreach: bool | None = None
 
     def __init__(
         self, model: nn.Module, lam: float, *, mode: str | None = None, gamma: float = 1.0
@@ -302,7 +309,8 @@ class QuadraticRegularizer(ABC):
     @torch.no_grad()
     def add_penalty_grad(self) -> None:
         r"""``p.grad += λ Ω̄ (p - θ̄)`` for every regularized parameter that requires grad, with
-        fused ``torch._foreach`` ops (creates ``p.grad`` if it is ``None``). Call after
+        multi-tensor ``torch._foreach`` ops (the difference as :attr:`foreach` says; creates
+        ``p.grad`` if it is ``None``; traces into one graph under ``torch.compile``). Call after
         ``loss.backward()`` and before ``optimizer.step()``, *instead of* adding
         :meth:`penalty` to the loss: the same update for any optimizer, without an autograd
         graph. No-op before the first :meth:`consolidate`."""
@@ -344,21 +352,24 @@ class QuadraticRegularizer(ABC):
 
     def _live_diff(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """``(params, importance, params - anchor)`` for the parameters that still require grad
-        (empty before the first task). The difference is written into a scratch buffer kept
-        between calls: a fresh allocation every step costs page faults on CPU."""
+        (empty before the first task), the difference formed as :attr:`foreach` says."""
         if self.n_tasks == 0:
             return [], [], []
         self._follow_model()
+        live = [i for i, p in enumerate(self._params) if p.requires_grad]
+        if not live:
+            return [], [], []
+        params, omega, anchor = (
+            [t[i] for i in live] for t in (self._params, self._omega, self._anchor)
+        )
+        foreach = self.foreach
+        if foreach is None:
+            foreach = params[0].device.type != "cpu" or torch.compiler.is_compiling()
+        if foreach:  # one launch (and the allocator's cached memory on a GPU)
+            return params, omega, list(torch._foreach_sub(params, anchor))
         if self._scratch is None:
             self._scratch = [torch.empty_like(p) for p in self._params]
-        rows = [
-            r
-            for r in zip(self._params, self._omega, self._anchor, self._scratch, strict=True)
-            if r[0].requires_grad
-        ]
-        if not rows:
-            return [], [], []
-        params, omega, anchor, diff = (list(t) for t in zip(*rows, strict=True))
+        diff = [self._scratch[i] for i in live]
         for p, a, d in zip(params, anchor, diff, strict=True):
             torch.sub(p, a, out=d)
         return params, omega, diff
@@ -552,7 +563,7 @@ def _merge_into(omega: Tensor, anchor: Tensor, f: Tensor, theta: Tensor) -> floa
     total = a + b
     nonzero = total != 0
     safe = torch.where(nonzero, total, torch.ones_like(total))
-    mean = torch.where(nonzero, (a * x + b * y) / safe, y)
+    mean = torch.where(nonzero & (a != 0), (a * x + b * y) / safe, y)  # exactly θ on a first task
     constant = torch.where(nonzero, a * b / safe * (x - y).square(), torch.zeros_like(total))
     omega.copy_(total)
     anchor.copy_(mean)
