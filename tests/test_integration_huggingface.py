@@ -60,7 +60,8 @@ def args(**overrides: Any) -> TrainingArguments:
     options: dict[str, Any] = dict(
         per_device_train_batch_size=8, learning_rate=1e-3, num_train_epochs=1, seed=0
     )
-    return quiet_args(tempfile.mkdtemp(), **{**options, **overrides})
+    options = {"output_dir": tempfile.mkdtemp(), **options, **overrides}
+    return quiet_args(**options)
 
 
 def train(trainer: Trainer) -> None:
@@ -191,6 +192,65 @@ def test_a_new_model_object_gets_the_state_and_the_penalty(
     assert all(g is not None for g in grads.values())
     assert any(float(g.abs().max()) > 0 for g in grads.values() if g is not None)
     assert all(p.grad is None for p in model_a.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["ewc", "si"])
+def test_resume_from_checkpoint_restores_the_state_in_a_new_callback(strategy: str) -> None:
+    """Task B checkpointed at step 4 of 8 and resumed with ``train(resume_from_checkpoint=True)``
+    by a new model, Trainer and callback (a new process): the checkpoint folder holds the
+    regularizer's state, so training ends with the uninterrupted run's weights and state (SI:
+    its path integral too)."""
+    task_b = TokenTask("b", 64, 1)
+
+    def after_a() -> tuple[nn.Module, EWCCallback]:
+        model, callback = build(False), EWCCallback(lam=LAM, strategy=strategy)
+        train(
+            Trainer(
+                model=model, args=args(), train_dataset=TokenTask("a", 64, 0), callbacks=[callback]
+            )
+        )
+        return model, callback
+
+    model, callback = after_a()
+    train(Trainer(model=model, args=args(), train_dataset=task_b, callbacks=[callback]))
+    assert callback.regularizer is not None and callback.regularizer.n_tasks == 2
+    want, want_state = trained_parameters(model), callback.regularizer.state_dict()
+
+    out = tempfile.mkdtemp()
+    model, callback = after_a()
+    checkpointing = args(output_dir=out, save_strategy="steps", save_steps=4, max_steps=4)
+    train(Trainer(model=model, args=checkpointing, train_dataset=task_b, callbacks=[callback]))
+    assert (Path(out) / "checkpoint-4" / "ewc_callback.pt").is_file()
+    model = build(False)  # a new process: weights and state come from the checkpoint only
+    callback = EWCCallback(lam=LAM, strategy=strategy)
+    resumed = Trainer(
+        model=model, args=args(output_dir=out), train_dataset=task_b, callbacks=[callback]
+    )
+    resumed.remove_callback(PrinterCallback)
+    resumed.train(resume_from_checkpoint=True)
+    assert callback.regularizer is not None and callback.regularizer.n_tasks == 2
+    got, got_state = trained_parameters(model), callback.regularizer.state_dict()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    for key in ("importance", "anchor"):
+        for name, tensor in want_state[key].items():
+            torch.testing.assert_close(got_state[key][name], tensor)
+
+
+def test_resuming_without_the_state_file_warns() -> None:
+    """A checkpoint without the callback's file (written without it): the callback says that the
+    earlier tasks are unprotected and how to load the state."""
+    out = tempfile.mkdtemp()
+    model, task = build(False), TokenTask("a", 64, 0)
+    checkpointing = args(output_dir=out, save_strategy="steps", save_steps=4, max_steps=4)
+    train(Trainer(model=model, args=checkpointing, train_dataset=task))
+    callback = EWCCallback(lam=LAM)
+    resumed = Trainer(
+        model=build(False), args=args(output_dir=out), train_dataset=task, callbacks=[callback]
+    )
+    resumed.remove_callback(PrinterCallback)
+    with pytest.warns(UserWarning, match="checkpoint-4/ewc_callback.pt does not exist"):
+        resumed.train(resume_from_checkpoint=True)
 
 
 @pytest.mark.parametrize(

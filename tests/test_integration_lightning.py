@@ -220,6 +220,40 @@ def test_state_is_saved_in_lightning_checkpoints_and_restored_at_the_next_fit(
             torch.testing.assert_close(state[key][name], tensor)
 
 
+def test_a_task_interrupted_and_resumed_with_fit_ckpt_path_ends_as_if_uninterrupted(
+    tmp_path: Path,
+) -> None:
+    """Task B stopped after its first epoch (the process dies) and resumed in a new process by
+    ``Trainer.fit(..., ckpt_path=...)`` with a new module and a new callback: the checkpoint
+    brings back task A's Fisher and anchor, so the penalty of the remaining epoch and the
+    consolidation at the end match the uninterrupted run's (weights and importance)."""
+
+    def task_a() -> tuple[Net, EWCCallback]:
+        module, callback = Net(), EWCCallback(lam=LAM)
+        fit(module, loader(0), [callback], max_epochs=1)
+        return module, callback
+
+    module, callback = task_a()
+    fit(module, loader(1), [callback], max_epochs=2)
+    assert callback.regularizer is not None and callback.regularizer.n_tasks == 2
+    expected_params, expected_state = params(module), callback.regularizer.state_dict()
+
+    module, callback = task_a()
+    options = {"enable_checkpointing": True, "default_root_dir": tmp_path}
+    fit(module, loader(1), [callback], max_epochs=1, **options)
+    (ckpt,) = tmp_path.glob("**/*.ckpt")
+    del module, callback  # a new process: nothing survives but the checkpoint
+    resumed, callback = Net(), EWCCallback(lam=LAM)
+    quiet_trainer([callback], max_epochs=2).fit(resumed, loader(1), ckpt_path=ckpt)
+    assert callback.regularizer is not None and callback.regularizer.n_tasks == 2
+    for name, value in expected_params.items():
+        torch.testing.assert_close(params(resumed)[name], value)
+    state = callback.regularizer.state_dict()
+    for key in ("importance", "anchor"):
+        for name, tensor in expected_state[key].items():
+            torch.testing.assert_close(state[key][name], tensor)
+
+
 def test_with_a_peft_model_only_the_adapter_is_regularized() -> None:
     """Inside a LightningModule, a LoRA model's regularized parameters are its trainable ones:
     the adapter and the classifier head, none of the frozen base."""

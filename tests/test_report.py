@@ -82,6 +82,7 @@ def test_config_versions_and_timings_are_reported(report):
     run = _load(RUNS[0])
     assert html.escape('"batch_size": 64') in page
     assert html.escape(", ".join(f"{k} {v}" for k, v in run["versions"].items())) in page
+    assert "<th>Hardware</th>" in page
     assert f"<td>{run['timings']['total_s']:.1f}</td>" in page
     assert "Sweep over lam for ewc: chosen 100." in page
 

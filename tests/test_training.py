@@ -43,6 +43,19 @@ def test_results_schema_and_shapes():
     json.dumps(r, allow_nan=False)  # serialisable as is
 
 
+def test_results_record_the_hardware_they_ran_on():
+    """CPU and GPU runs differ beyond rounding (TF32 convolutions on GPUs by default): each
+    results file says where it ran — the CPU and torch's threads here, the GPU's name and its
+    TF32 flags on CUDA."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        r = run(fast(strategy="naive", epochs=0.5))
+    finally:
+        torch.set_num_threads(threads)
+    assert r["hardware"]["device"].startswith("cpu (") and r["hardware"]["threads"] == "1"
+
+
 def test_same_seed_same_numbers_other_seed_differs():
     a = run(fast(strategy="si", seed=3))
     b = run(fast(strategy="si", seed=3))

@@ -175,8 +175,9 @@ def sweep_table(sweep: Mapping[str, Any]) -> Table:
 
 
 def runs_table(runs: Sequence[Results]) -> Table:
-    """Header and rows: per run, its seed, creation time, timings and library versions."""
-    header = ["Strategy", "Seed", "Created", *TIMINGS.values(), "Versions"]
+    """Header and rows: per run, its seed, creation time, timings, library versions and
+    hardware (device, threads or TF32)."""
+    header = ["Strategy", "Seed", "Created", *TIMINGS.values(), "Versions", "Hardware"]
     rows = [
         [
             str(r["strategy"]),
@@ -184,6 +185,7 @@ def runs_table(runs: Sequence[Results]) -> Table:
             str(r.get("created", "")),
             *(_seconds(r.get("timings", {}).get(k)) for k in TIMINGS),
             ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
+            ", ".join(f"{k} {v}" for k, v in r.get("hardware", {}).items()),
         ]
         for r in runs
     ]

@@ -179,6 +179,7 @@ _RESULTS: dict[str, Any] = {
     ],
     "timings?": {"*": _NUMBER},
     "versions?": {"*": str},
+    "hardware?": {"*": str},
     "created?": str,
 }
 _SWEEP: dict[str, Any] = {

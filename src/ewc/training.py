@@ -511,6 +511,23 @@ def _versions() -> dict[str, str]:
     return {"ewc": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def _hardware(device: torch.device) -> dict[str, str]:
+    """Where a run ran, to compare runs across machines: the CPU's architecture and torch's
+    thread count, or the GPU's name and whether TF32 was allowed (PyTorch's default: off for
+    matmuls, on for cuDNN convolutions), which changes results beyond float32 rounding."""
+    if device.type != "cuda":
+        return {
+            "device": f"{device.type} ({platform.machine()})",
+            "threads": str(torch.get_num_threads()),
+        }
+    on_off = {True: "on", False: "off"}
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "tf32": f"matmul {on_off[torch.backends.cuda.matmul.allow_tf32]}, "
+        f"cudnn {on_off[torch.backends.cudnn.allow_tf32]}",
+    }
+
+
 def _subsample(task: Task, n: int | None, generator: torch.Generator) -> Task:
     if n is None or n >= len(task.train.y):
         return task
@@ -685,6 +702,7 @@ def run(
     return {
         "schema": RESULTS_SCHEMA,
         "versions": _versions(),
+        "hardware": _hardware(device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": cfg.to_dict(),
         "settings": settings,

@@ -28,27 +28,42 @@ model without the autocast that accelerate wraps around its ``forward`` under ``
 With a PEFT model, the parameters regularized are those that require grad when the first
 training starts: the adapter (and ``modules_to_save``, e.g. the classification head), not the
 frozen base. DeepSpeed and FSDP, which shard parameters, are not supported.
+
+Checkpoints: every checkpoint the Trainer saves (``output_dir/checkpoint-<step>``) also gets
+the regularizer's state, :data:`STATE_FILE`, written by the main process. ``train(
+resume_from_checkpoint=...)`` of a checkpoint in ``output_dir`` loads it back at the start of
+training, also into a new callback in a new process, so the earlier tasks' penalty survives a
+crash; for a checkpoint elsewhere, ``ewc_cb.load_state_dict(torch.load(path / STATE_FILE))``
+before ``train``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import io
+import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ewc._optional import require
 from ewc.fisher.batching import Forward
 from ewc.fisher.errors import FisherError
 from ewc.regularizers import Regularizer
+from ewc.results import atomic_write_bytes
 
 from ._continual import Continual
 
+_transformers = require("transformers", "hf")
 #: ``transformers.TrainerCallback`` (typed ``Any``: the framework is an optional dependency)
-TrainerCallback: Any = require("transformers", "hf").TrainerCallback
+TrainerCallback: Any = _transformers.TrainerCallback
+#: The regularizer's state in each Trainer checkpoint folder.
+STATE_FILE = "ewc_callback.pt"
 
-__all__ = ["EWCCallback", "logits_and_labels"]
+__all__ = ["STATE_FILE", "EWCCallback", "logits_and_labels"]
 
 
 def logits_and_labels(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
@@ -97,13 +112,46 @@ class EWCCallback(TrainerCallback):
     ) -> None:
         self._continual = Continual(lam, strategy, forward, options)
         self.data = data
+        self._pending: Mapping[str, Any] | None = None
 
     @property
     def regularizer(self) -> Regularizer | None:
         return self._continual.regularizer
 
+    def state_dict(self) -> dict[str, Any]:
+        """The regularizer's state (``{}`` before the first ``train``); in every checkpoint."""
+        if self._pending is not None or self.regularizer is None:
+            return dict(self._pending or {})
+        return self.regularizer.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; loaded into the regularizer when ``train`` starts."""
+        self._pending = state_dict or None
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._continual.bind(kwargs["model"])
+        regularizer = self._continual.bind(kwargs["model"])
+        if state is not None and state.global_step > 0:  # resumed from a checkpoint
+            saved = _checkpoint_folder(args, state) / STATE_FILE
+            if saved.is_file():
+                self._pending = torch.load(saved, map_location="cpu", weights_only=True)
+            else:
+                warnings.warn(
+                    f"training resumes at step {state.global_step} but {saved} does not exist, "
+                    "so the regularizer keeps the state it has in this process (none in a new "
+                    "one: earlier tasks unprotected). For a checkpoint outside output_dir call "
+                    "ewc_cb.load_state_dict(torch.load(<checkpoint>/"
+                    f"{STATE_FILE})) before train().",
+                    stacklevel=2,
+                )
+        if self._pending is not None:
+            regularizer.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            buffer = io.BytesIO()
+            torch.save(self.state_dict(), buffer)
+            atomic_write_bytes(_checkpoint_folder(args, state) / STATE_FILE, buffer.getvalue())
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         scaler = getattr(kwargs.get("optimizer"), "scaler", None)
@@ -119,6 +167,12 @@ class EWCCallback(TrainerCallback):
         data = self.data if self.data is not None else loader
         with _plain_forward(model):
             self._continual.consolidate(model, data, like=loader)
+
+
+def _checkpoint_folder(args: Any, state: Any) -> Path:
+    """The Trainer's checkpoint folder for the current step: ``output_dir/checkpoint-<step>``."""
+    prefix = require("transformers.trainer_utils", "hf").PREFIX_CHECKPOINT_DIR
+    return Path(args.output_dir) / f"{prefix}-{state.global_step}"
 
 
 @contextmanager
