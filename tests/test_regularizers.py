@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -496,6 +497,24 @@ def test_load_rejects_another_type_and_missing_keys() -> None:
 def test_bad_ewc_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         EWC(mlp(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: make_regularizer("ewc", mlp(), lam=1.0, distributed="no"),
+        lambda: make_regularizer("mas", mlp(), lam=1.0, distributed="no"),
+        lambda: make_regularizer("kfac", mlp(), lam=1.0, distributed="no"),
+        lambda: fisher_diagonal(mlp(), batches(), distributed="no"),
+    ],
+    ids=["ewc", "mas", "kfac", "fisher_diagonal"],
+)
+def test_a_distributed_flag_that_is_not_a_bool_is_refused(call: Any) -> None:
+    """``distributed="no"`` would read as true (and all-reduce); it is refused, named."""
+    with pytest.raises(
+        ValueError, match=r"distributed must be True or False; got distributed='no'"
+    ):
+        call()
 
 
 @pytest.mark.parametrize("xi", [0.0, -1.0, math.nan])

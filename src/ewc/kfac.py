@@ -47,7 +47,15 @@ from torch.nn import functional as F
 
 from ewc.fisher._util import eval_mode
 from ewc.fisher.batching import Forward, call_forward, default_forward
-from ewc.fisher.core import Feed, all_reduce, first_samples, sample_mean, sum_dtype, unwrap
+from ewc.fisher.core import (
+    Feed,
+    all_reduce,
+    check_flag,
+    first_samples,
+    sample_mean,
+    sum_dtype,
+    unwrap,
+)
 from ewc.fisher.errors import FisherError
 from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likelihood
 from ewc.fisher.request import Request
@@ -151,7 +159,8 @@ class KFAC:
         self.likelihood = resolve_likelihood(likelihood, fisher)
         self.lam = _check_lam(lam)
         self.fisher = fisher
-        self.forward, self.seed, self.distributed = forward or default_forward, seed, distributed
+        self.forward, self.seed = forward or default_forward, seed
+        self.distributed = check_flag("distributed", distributed)
         self.model = model = unwrap(model)
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self._params:

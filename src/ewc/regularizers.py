@@ -106,7 +106,7 @@ from torch import Tensor, nn
 from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.fisher import fisher_diagonal
 from ewc.fisher.batching import Forward, default_forward
-from ewc.fisher.core import sample_mean, unwrap
+from ewc.fisher.core import check_flag, sample_mean, unwrap
 from ewc.fisher.likelihoods import CategoricalLikelihood, SeededGenerator, resolve_likelihood
 from ewc.fisher.request import Request
 
@@ -647,7 +647,7 @@ class EWC(QuadraticRegularizer):
         self.fisher_samples = fisher_samples
         self.likelihood = likelihood
         self.forward = forward
-        self.distributed = distributed
+        self.distributed = check_flag("distributed", distributed)
 
     def task_importance(self, batches: Iterable[Any] | None) -> dict[str, Tensor]:
         """The diagonal Fisher of the current model on ``batches`` (the task just learned)."""
@@ -840,7 +840,7 @@ class MAS(QuadraticRegularizer):
             raise ValueError(f"method={method!r} is not one of {list(_MAS_METHODS)}; pass one.")
         self.forward = forward
         self.method = method
-        self.distributed = distributed
+        self.distributed = check_flag("distributed", distributed)
 
     def task_importance(self, batches: Iterable[Any] | None) -> dict[str, Tensor]:
         """Mean per-sample :math:`|\\nabla_\\theta\\|f(x)\\|^2|` over ``batches``."""

@@ -115,6 +115,7 @@ def fisher_diagonal(
     """
     _check_choice("kind", kind, KINDS)
     _check_choice("method", method, METHODS)
+    check_flag("distributed", distributed)
     if n_samples is not None and (
         isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1
     ):
@@ -240,6 +241,14 @@ def all_reduce(sums: dict[str, Tensor], total: int) -> int:
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise FisherError(f"{what}={value!r} is not one of {list(choices)}; pass one of those.")
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` if it is a bool, else a :class:`FisherError` (a ``ValueError``) naming it: a
+    flag such as ``distributed="no"`` would otherwise read as true."""
+    if not isinstance(value, bool):
+        raise FisherError(f"{name} must be True or False; got {name}={value!r}.")
+    return value
 
 
 def _check_samples_independent(model: nn.Module) -> None:
