@@ -235,6 +235,28 @@ def test_hooks_and_func_match_the_per_sample_loop(name: str, kind: str) -> None:
         assert_fisher_close(fisher_diagonal(model, batches, method=method, **common), reference)
 
 
+@pytest.mark.parametrize("method", ["loop", "hooks", "func"])
+def test_predicted_kind_is_the_empirical_fisher_of_the_models_own_labels(method: str) -> None:
+    """``kind="predicted"`` (van de Ven & Tolias 2019's estimate) equals the empirical Fisher of
+    batches relabelled with the model's argmax, whichever method computes it; masked logits are
+    never predicted."""
+    case = CASES["masked-logits"]
+    model, batches = _setup(case)
+    with torch.no_grad():
+        relabelled = [(x, _masked(model, (x, y))[0].argmax(1)) for x, y in batches]
+    assert all(bool(ACTIVE[y].all()) for _, y in relabelled)
+    expected = fisher_diagonal(model, relabelled, "empirical", forward=case.forward, method="loop")
+    got = fisher_diagonal(model, batches, "predicted", forward=case.forward, method=method)
+    assert_fisher_close(got, expected)
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(batches, relabelled, strict=True))
+
+
+def test_predicted_kind_needs_a_likelihood_with_predict() -> None:
+    """A Gaussian's predicted target is its mean, where the gradient vanishes: refused, named."""
+    with pytest.raises(FisherError, match=r"has no method predict\(\), which kind='predicted'"):
+        fisher_diagonal(_mlp(), _vectors(), "predicted", likelihood="gaussian")
+
+
 def test_exact_categorical_is_the_expectation_over_classes() -> None:
     """Independent of exact_output_grads: sum_c p_c (d log p_c / d theta)^2, sample by sample."""
     model, batches = _setup(CASES["masked-logits"])

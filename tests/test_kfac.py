@@ -57,7 +57,8 @@ def reference_factors(
     model: nn.Module, data: list[tuple[Tensor, Tensor]], kind: str
 ) -> list[tuple[Tensor, Tensor]]:
     """``(A, G)`` per Linear/Conv2d layer from one forward per sample and one backward per label
-    (every label weighted by its probability for ``exact``, the true one for ``empirical``)."""
+    (every label weighted by its probability for ``exact``, the model's argmax for ``predicted``,
+    the true one for ``empirical``)."""
     layers = [m for m in model if isinstance(m, nn.Linear | nn.Conv2d)]
     a_sums = [0.0] * len(layers)
     g_sums = [0.0] * len(layers)
@@ -76,7 +77,7 @@ def reference_factors(
         for h in handles:
             h.remove()
         log_p = torch.log_softmax(out[0], 0)
-        labels = range(4) if kind == "exact" else [int(y)]
+        labels = {"exact": range(4), "predicted": [int(log_p.argmax())]}.get(kind, [int(y)])
         for k, (m, (inp, _)) in enumerate(zip(layers, seen, strict=True)):
             a = patches(m, inp)
             if m.bias is not None:
@@ -92,7 +93,7 @@ def reference_factors(
     return [(a / n, g / n) for a, g in zip(a_sums, g_sums, strict=True)]  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("kind", ["exact", "empirical"])
+@pytest.mark.parametrize("kind", ["exact", "predicted", "empirical"])
 @pytest.mark.parametrize("make", [mlp, cnn], ids=["linear", "conv2d"])
 def test_factors_match_a_per_sample_reference(make, kind: str) -> None:
     model = make()
@@ -106,7 +107,7 @@ def test_factors_match_a_per_sample_reference(make, kind: str) -> None:
         torch.testing.assert_close(g, rg)
 
 
-@pytest.mark.parametrize("kind", ["exact", "sampled", "empirical"])
+@pytest.mark.parametrize("kind", ["exact", "sampled", "predicted", "empirical"])
 def test_one_sample_gives_the_diagonal_fisher(kind: str) -> None:
     """For one sample and 2-D inputs, diag(A ⊗ G) is exactly the diagonal Fisher."""
     model = mlp()

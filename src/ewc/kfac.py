@@ -69,7 +69,7 @@ from ewc.regularizers import (
     register,
 )
 
-KINDS = ("exact", "sampled", "empirical")
+KINDS = ("exact", "sampled", "predicted", "empirical")
 
 
 @dataclass
@@ -128,7 +128,8 @@ class KFAC:
         model: the network; its parameters with ``requires_grad=True`` are regularized (a
             ``DistributedDataParallel`` wrapper: its ``.module``).
         lam: λ >= 0, on the scale of :class:`ewc.EWC`'s.
-        fisher: ``"exact"``, ``"sampled"`` or ``"empirical"`` (as :func:`ewc.fisher_diagonal`).
+        fisher: ``"exact"``, ``"sampled"``, ``"predicted"`` or ``"empirical"`` (as
+            :func:`ewc.fisher_diagonal`).
         gamma: decay in (0, 1] of older tasks' factors (1: all tasks count fully, the paper's).
         fisher_samples: use at most this many samples per task (``None``: all).
         likelihood, forward: as :func:`ewc.fisher_diagonal`.

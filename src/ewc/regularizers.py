@@ -617,6 +617,7 @@ class EWC(QuadraticRegularizer):
         model, lam, mode, gamma: see :class:`QuadraticRegularizer`.
         fisher: the Fisher kind, one of ``"exact"`` (expectation over the model's predictive
             distribution), ``"sampled"`` (one label drawn per sample, the paper's),
+            ``"predicted"`` (the model's argmax label, van de Ven & Tolias 2019's code),
             ``"empirical"`` (true labels), ``"batched"`` (squared mini-batch gradients).
         fisher_samples: use at most this many samples for the Fisher (``None``: all).
         likelihood: ``"categorical"``, ``"gaussian"`` or a likelihood object.

@@ -36,6 +36,7 @@ from ewc.config import ConfigError, check_device, check_fields
 from ewc.curves import Curves, penalty_value
 from ewc.data.datasets import to_float
 from ewc.data.streams import BENCHMARKS, Task, TaskStream, make_stream
+from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.kfac import KFAC  # noqa: F401 (importing it registers the "kfac" strategy)
 from ewc.logger import ScalarLogger
 from ewc.metrics import compute_metrics
@@ -60,7 +61,6 @@ from ewc.results import (
 REGULARIZED = tuple(REGULARIZERS)
 STRATEGIES = ("naive", "joint", *REGULARIZED)
 OPTIMIZERS = ("adam", "sgd")
-FISHER_KINDS = ("exact", "sampled", "empirical", "batched")
 PENALTY_PATHS = ("grad", "autograd", "proximal")
 
 # Hsu et al. 2018, "Re-evaluating continual learning scenarios": MLP 2x400, Adam, 4 epochs.

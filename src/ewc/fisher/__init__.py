@@ -2,7 +2,8 @@ r"""Diagonal Fisher information for Elastic Weight Consolidation.
 
 ``fisher_diagonal(model, batches, kind=..., likelihood=..., method=...)`` returns the mean over
 samples of the per-sample squared gradient of :math:`\log p(y \mid x)`, one tensor per trainable
-parameter. Kinds: ``"exact"``, ``"sampled"``, ``"empirical"``, ``"batched"`` (biased).
+parameter. Kinds: ``"exact"``, ``"sampled"``, ``"predicted"``, ``"empirical"``, ``"batched"``
+(biased).
 
 The default method runs one batched forward and one backward per output-gradient and turns the
 (input, output-gradient) pairs that hooks capture into sums of squared per-sample gradients

@@ -21,7 +21,7 @@ from .likelihoods import Likelihood, SeededGenerator, checked_log_prob, resolve_
 from .loop import loop_batch
 from .request import Request
 
-KINDS = ("exact", "sampled", "empirical", "batched")
+KINDS = ("exact", "sampled", "predicted", "empirical", "batched")
 METHODS = ("auto", "hooks", "func", "loop")
 
 
@@ -46,6 +46,11 @@ def fisher_diagonal(
     - ``"sampled"``: :math:`\frac1N \sum_i g_i(\tilde y_i)^2` with one
       :math:`\tilde y_i \sim p(\cdot \mid x_i)` per sample, an unbiased Monte-Carlo estimate of
       the exact one (the estimator of Kirkpatrick et al. 2017), reproducible from ``seed``;
+    - ``"predicted"``: :math:`\frac1N \sum_i g_i(\hat y_i)^2` with the model's own most
+      probable label :math:`\hat y_i` (argmax), as van de Ven & Tolias 2019's code estimates
+      EWC's Fisher. Not the Fisher either: a sample predicted with confidence :math:`1-\epsilon`
+      contributes :math:`O(\epsilon^2)` where the exact Fisher has :math:`O(\epsilon)`, so it is
+      smaller and dominated by the uncertain samples (λ does not carry over between kinds);
     - ``"empirical"``: :math:`\frac1N \sum_i g_i(y_i)^2` with the true labels -- not the
       Fisher in general (Kunstner et al. 2019);
     - ``"batched"``: :math:`\frac1N \sum_b B_b\, \bar g_b^2` with :math:`\bar g_b` the gradient
@@ -74,7 +79,8 @@ def fisher_diagonal(
         batches: an iterable of batches, e.g. a ``DataLoader`` or a list of
             ``(inputs, targets)`` tensor pairs. The hook method processes each batch at once, so
             the batch size sets the speed / memory trade-off (1024 is a good start for MNIST).
-        kind: ``"exact"``, ``"sampled"``, ``"empirical"`` or ``"batched"`` (see above).
+        kind: ``"exact"``, ``"sampled"``, ``"predicted"``, ``"empirical"`` or ``"batched"``
+            (see above).
         likelihood: ``"categorical"`` (softmax over logits ``[N, C]``; int64 targets; ``-inf``
             logits mean probability 0), ``"gaussian"`` (unit variance; float targets shaped like
             the output), a :class:`~ewc.fisher.GaussianLikelihood` or any object implementing
@@ -93,7 +99,8 @@ def fisher_diagonal(
             parameters). ``"hooks"``: the same, raising :class:`FisherError` instead of
             switching. ``"func"``: whole-model ``vmap`` of per-sample vjps. ``"loop"``: the plain
             per-sample reference. The first three give the same result up to rounding for
-            ``"exact"``, ``"sampled"`` and ``"empirical"``; ``"batched"`` ignores ``method``.
+            ``"exact"``, ``"sampled"``, ``"predicted"`` and ``"empirical"``; ``"batched"``
+            ignores ``method``.
         distributed: all-reduce over the default process group when one is initialised
             (default); ``False``: this process's batches only.
 

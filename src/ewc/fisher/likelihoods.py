@@ -10,6 +10,9 @@ output for a batch (samples along dim 0), ``target`` the batch's targets:
 ``sample(output, generator) -> target``
     One draw :math:`y_i \sim p(\cdot \mid x_i)` per sample, using only ``generator`` for
     randomness. Used by ``"sampled"``.
+``predict(output) -> target`` (optional)
+    The model's own most probable target per sample (a categorical's argmax). Used by
+    ``"predicted"`` only.
 ``exact_output_grads(output) -> Iterator[Tensor]``
     Tensors :math:`v_1, \dots, v_K` shaped like ``output`` with
     :math:`\sum_k v_{k,i} v_{k,i}^\top = \mathbb{E}_{y \sim p(\cdot \mid x_i)}
@@ -82,6 +85,11 @@ class CategoricalLikelihood:
         probs = torch.softmax(output.detach(), dim=1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
+    def predict(self, output: Tensor) -> Tensor:
+        """The most probable class per sample (``argmax`` of the logits; masked classes never)."""
+        _check_logits(output)
+        return output.detach().argmax(dim=1)
+
     def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
         """Yield :math:`\\sqrt{p_c}(e_c - p)` for every class with some nonzero probability."""
         _check_logits(output)
@@ -148,6 +156,7 @@ LIKELIHOODS = {"categorical": CategoricalLikelihood, "gaussian": GaussianLikelih
 _NEEDS = {
     "exact": "exact_output_grads",
     "sampled": "sample",
+    "predicted": "predict",
     "empirical": "log_prob",
     "batched": "log_prob",
 }
@@ -156,8 +165,8 @@ _NEEDS = {
 def resolve_likelihood(likelihood: str | Likelihood, kind: str) -> Likelihood:
     """Turn ``"categorical"`` / ``"gaussian"`` / a user object into a :class:`Likelihood`.
 
-    Raises :class:`FisherError` for an unknown name or an object without the method ``kind``
-    needs.
+    Raises :class:`FisherError` for an unknown name or a likelihood without the method ``kind``
+    needs (a Gaussian has no ``predict``: its predicted target, the mean, has zero gradient).
     """
     if isinstance(likelihood, str):
         if likelihood not in LIKELIHOODS:
@@ -165,12 +174,16 @@ def resolve_likelihood(likelihood: str | Likelihood, kind: str) -> Likelihood:
                 f"likelihood={likelihood!r} is not one of {sorted(LIKELIHOODS)}; pass one of "
                 "those names or an object with log_prob / sample / exact_output_grads."
             )
-        return LIKELIHOODS[likelihood]()
+        return _check_has(LIKELIHOODS[likelihood](), kind)
+    return _check_has(likelihood, kind)
+
+
+def _check_has(likelihood: Likelihood, kind: str) -> Likelihood:
     method = _NEEDS[kind]
     if not callable(getattr(likelihood, method, None)):
         raise FisherError(
             f"likelihood={likelihood!r} has no method {method}(), which kind={kind!r} needs; "
-            "implement it (see ewc.fisher.Likelihood) or pass 'categorical' / 'gaussian'."
+            "implement it (see ewc.fisher.Likelihood), pass another kind or 'categorical'."
         )
     return likelihood
 
@@ -214,17 +227,26 @@ def output_grads(
 ) -> Iterator[Tensor]:
     r"""The output-gradients to backpropagate for ``kind`` (one per backward pass).
 
-    ``"empirical"`` / ``"sampled"``: :math:`\nabla_f \sum_i \log p(y_i \mid f_i)` with the
-    true / a sampled target (one pass); ``"exact"``: ``likelihood.exact_output_grads``.
+    ``"empirical"`` / ``"sampled"`` / ``"predicted"``: :math:`\nabla_f \sum_i \log p(y_i \mid
+    f_i)` with the true / a sampled / the predicted target (one pass); ``"exact"``:
+    ``likelihood.exact_output_grads``.
     """
     out = output.detach()
     if kind == "exact":
         return iter(likelihood.exact_output_grads(out))
-    y = likelihood.sample(out, rng.on(out.device)) if kind == "sampled" else target
+    y = model_target(likelihood, kind, out, rng) if kind in ("sampled", "predicted") else target
     with torch.enable_grad():
         out.requires_grad_(True)
         (grad,) = torch.autograd.grad(checked_log_prob(likelihood, out, y).sum(), out)
     return iter([grad])
+
+
+def model_target(likelihood: Any, kind: str, output: Tensor, rng: SeededGenerator) -> Tensor:
+    """The targets the model supplies for ``kind``: drawn from it (``"sampled"``) or its own
+    prediction (``"predicted"``)."""
+    if kind == "sampled":
+        return likelihood.sample(output, rng.on(output.device))
+    return likelihood.predict(output)
 
 
 def _check_logits(output: Tensor) -> None:

@@ -2,9 +2,10 @@
 
 Slow and obviously right: each sample is cut from the batch, fed through ``forward`` alone, and
 its parameter gradients come from ``torch.autograd.grad`` of :math:`\\log p(y \\mid x)` itself
-(``"empirical"``, ``"sampled"``) or of the output against each of
-``likelihood.exact_output_grads`` (``"exact"``). Sampled targets are drawn once per batch from
-the batch's outputs, exactly as the fast methods draw them, so all methods agree for a seed.
+(``"empirical"``, ``"sampled"``, ``"predicted"``) or of the output against each of
+``likelihood.exact_output_grads`` (``"exact"``). Sampled (or predicted) targets come once per
+batch from the batch's outputs, exactly as the fast methods draw them, so all methods agree for
+a seed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .batching import batch_size, call_forward, take
-from .likelihoods import checked_log_prob
+from .likelihoods import checked_log_prob, model_target
 from .persample import power_of
 from .request import Request
 
@@ -26,10 +27,10 @@ def loop_batch(request: Request, batch: Any) -> tuple[dict[str, Tensor], int]:
     params = list(request.params.values())
     n = batch_size(batch)
     sampled = None
-    if request.kind == "sampled":
+    if request.kind in ("sampled", "predicted"):
         with torch.no_grad():
             output = call_forward(forward, model, batch)[0]
-        sampled = likelihood.sample(output, request.rng.on(output.device))
+        sampled = model_target(likelihood, request.kind, output, request.rng)
     sums = [torch.zeros_like(p) for p in params]
     for i in range(n):
         output, target, _ = call_forward(forward, model, take(batch, n, slice(i, i + 1)))
