@@ -114,7 +114,7 @@ def test_ewc_run_resumes_from_its_checkpoint_and_removes_it(tmp_path, monkeypatc
 def test_kill_9_during_compare_then_rerun_gives_the_same_results(tmp_path):
     """A real SIGKILL of `ewc compare` as soon as its second run wrote a checkpoint; the same
     command again resumes: naive's results are read, ewc resumes after its last task."""
-    argv = ["compare", "--benchmark=permuted-digits", "--tasks=3", "--hidden=16", "--epochs=2"]
+    argv = ["compare", "--benchmark=permuted-digits", "--tasks=3", "--hidden=16", "--epochs=6"]
     argv += ["--strategies=naive,ewc", "--seeds=0", "--quiet", "--no-report"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
