@@ -15,7 +15,8 @@ python benchmarks/bench_fisher_transformer.py --device cuda 2>&1 | tee "$out/ben
 # CPU against GPU (issue 13): the seed experiment on this GPU, seeds 0-4, with PyTorch's default
 # TF32 (cuDNN convolutions in TF32) and with TF32 off, to set beside the CPU's numbers in
 # docs/results.md (each results file records the card and its TF32 flags). Needs the data in
-# $EWC_DATA_DIR (default: data/, an ignored folder carried to the machine).
+# $EWC_DATA_DIR (default: data/, ignored by git: copy the MNIST and Fashion-MNIST folders there and
+# carry it to the machine).
 export EWC_DATA_DIR="${EWC_DATA_DIR:-data}"
 for tf32 in default off; do
   python - "$tf32" "$out/seed-tf32-$tf32" <<'PY' 2>&1 | tail -12 | tee "$out/seed-tf32-$tf32.txt"
