@@ -53,6 +53,8 @@ def test_iterations_on_the_command_line_replace_the_files_epochs(tmp_path):
         (["run", "--out", "{folder}.json"], "is a folder; name a file"),
         (["compare", "--out", "{file}"], "is a file; name a folder"),
         (["sweep", "--grid", "1,2", "--out", "{file}"], "is a file; name a folder"),
+        (["run", "--log-dir", "{file}/logs", "--out", "r.json"], "which is a file"),
+        (["compare", "--log-dir", "{file}", "--out", "c"], "is a file; name a folder"),
         (["run", "--threads", "0", "--out", "r.json"], "--threads: expected an integer from 1"),
         (["run", "--gamma", "0.5", "--strategy", "ewc", "--out", "r.json"], "gamma=0.5 is read"),
         (

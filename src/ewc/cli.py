@@ -194,10 +194,13 @@ def _items(text: str, flag: str) -> list[str]:
 
 
 def _check_outputs(args: argparse.Namespace, paths: Sequence[Path]) -> None:
-    """Refuse unwritable outputs, or outputs that are inputs, before any work is done."""
+    """Refuse unwritable outputs (``paths`` and ``--log-dir``), or outputs that are inputs,
+    before any work is done."""
     inputs = [args.config] if getattr(args, "config", None) else []
     for path in paths:
         check_output(path, inputs=inputs)
+    if getattr(args, "log_dir", None) is not None:
+        check_output(args.log_dir, folder=True, inputs=inputs)
 
 
 def _check_out_folder(args: argparse.Namespace) -> None:
@@ -303,6 +306,7 @@ def _demo_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    _check_outputs(args, [])  # --log-dir; compare checks --out before it trains
     base = _demo_config(args)
     stand_in = base.extra.get("stand_in")
     if stand_in:

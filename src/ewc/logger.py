@@ -26,6 +26,7 @@ from types import TracebackType
 
 from ewc import distributed
 from ewc._optional import require
+from ewc.results import check_output
 
 CSV_NAME = "scalars.csv"
 CSV_FIELDS = ("step", "tag", "value", "wall_time")
@@ -46,7 +47,7 @@ class ScalarLogger:
         self._main = distributed.is_main_process()
         if not self._main:
             return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        check_output(self.log_dir, folder=True)  # creates it, or one clear OutputError
         self._events = SummaryWriter(str(self.log_dir))
         self._file = open(self.log_dir / CSV_NAME, "w", newline="", encoding="utf-8")  # noqa: SIM115
         self._csv = csv.writer(self._file)

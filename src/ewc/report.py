@@ -184,12 +184,17 @@ def runs_table(runs: Sequence[Results]) -> Table:
             str(r.get("seed", "")),
             str(r.get("created", "")),
             *(_seconds(r.get("timings", {}).get(k)) for k in TIMINGS),
-            ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
-            ", ".join(f"{k} {v}" for k, v in r.get("hardware", {}).items()),
+            _pairs(r.get("versions", {})),
+            _pairs(r.get("hardware", {})),
         ]
         for r in runs
     ]
     return header, rows
+
+
+def _pairs(mapping: Mapping[str, Any]) -> str:
+    """``{"torch": "2.13"}`` -> ``"torch 2.13"``, comma-separated."""
+    return ", ".join(f"{k} {v}" for k, v in mapping.items())
 
 
 def _seconds(value: float | None) -> str:
