@@ -142,6 +142,7 @@ def test_wrong_data_dir_exit_2(corrupt, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert str(data) in err and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+    assert ".;" not in err and ":;" not in err  # sentences run on; only list items get "; "
 
 
 def test_demo_falls_back_offline(tmp_path, capsys, monkeypatch):

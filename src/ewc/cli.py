@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, OSError, MissingExtraError, MemoryError, RuntimeError) as e:
         if os.environ.get("EWC_DEBUG") or (isinstance(e, RuntimeError) and not _out_of_memory(e)):
             raise
-        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        message = _one_line(str(e))
         if isinstance(e, MemoryError | RuntimeError):
             message = f"out of memory ({message}); use a smaller model, batch size or task count"
         print(f"ewc {args.command}: error: {message}", file=sys.stderr)
@@ -385,6 +385,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     return 0
+
+
+def _one_line(text: str) -> str:
+    """A multi-line message as one line: a line that ends a sentence or opens a list (``.``,
+    ``:``) runs on with a space, other line breaks become ``; ``."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    parts = lines[:1]
+    for line in lines[1:]:
+        parts.append((" " if parts[-1].endswith((".", ":")) else "; ") + line)
+    return "".join(parts)
 
 
 def _out_of_memory(e: RuntimeError) -> bool:
