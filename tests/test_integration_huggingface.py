@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,37 @@ def test_resuming_without_the_state_file_warns() -> None:
     resumed.remove_callback(PrinterCallback)
     with pytest.warns(UserWarning, match="checkpoint-4/ewc_callback.pt does not exist"):
         resumed.train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("second", [{}, {"bf16": True}], ids=["same", "bf16-after-fp32"])
+def test_a_later_task_in_another_precision_warns(second: dict[str, Any]) -> None:
+    """accelerate keeps the first Trainer's precision for a model it prepared: a second task that
+    asks for bf16 after an fp32 one trains in fp32 (its forward is not wrapped in autocast), and
+    the callback says so; the same precision again does not warn."""
+    model, callback = build(False), EWCCallback(lam=LAM)
+    train(
+        Trainer(
+            model=model,
+            args=args(max_steps=1),
+            train_dataset=TokenTask("a", 8, 0),
+            callbacks=[callback],
+        )
+    )
+    task_b = Trainer(
+        model=model,
+        args=args(max_steps=1, **second),
+        train_dataset=TokenTask("b", 8, 0),
+        callbacks=[callback],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(task_b)
+    said = [str(w.message) for w in caught if "precision" in str(w.message)]
+    assert not hasattr(model, "_original_forward")  # bf16 asked or not, no autocast wrapper
+    if second:
+        assert said and "asks for bf16" in said[0] and "in fp32 too" in said[0]
+    else:
+        assert not said
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,6 +114,7 @@ class EWCCallback(TrainerCallback):
         self._continual = Continual(lam, strategy, forward, options)
         self.data = data
         self._pending: Mapping[str, Any] | None = None
+        self._precision: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
     @property
     def regularizer(self) -> Regularizer | None:
@@ -129,6 +131,7 @@ class EWCCallback(TrainerCallback):
         self._pending = state_dict or None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._check_precision(kwargs["model"], args)
         regularizer = self._continual.bind(kwargs["model"])
         if state is not None and state.global_step > 0:  # resumed from a checkpoint
             saved = _checkpoint_folder(args, state) / STATE_FILE
@@ -146,6 +149,21 @@ class EWCCallback(TrainerCallback):
         if self._pending is not None:
             regularizer.load_state_dict(self._pending)
             self._pending = None
+
+    def _check_precision(self, model: nn.Module, args: Any) -> None:
+        """Warn when a later task's ``Trainer`` asks for another mixed precision than the one that
+        prepared ``model``: accelerate prepares a model once (it marks it), so the first
+        precision silently holds (docs/integrations/huggingface.md, "Known limits")."""
+        asked = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        first = self._precision.setdefault(model, asked)
+        if first != asked and getattr(model, "_is_accelerate_prepared", False):
+            warnings.warn(
+                f"this Trainer asks for {asked} but an earlier task's Trainer prepared the model "
+                f"in {first}, and accelerate does not prepare a model twice: this task trains in "
+                f"{first} too. Use the same precision (bf16/fp16 in TrainingArguments) for every "
+                "task.",
+                stacklevel=2,
+            )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
