@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -507,6 +508,48 @@ def test_hooks_refuse_inputs_changed_in_place_after_the_call() -> None:
     batches = pairs(torch.randn(9, 6), torch.randint(0, 4, (9,)))
     with pytest.raises(FisherError, match="modified in place"):
         fisher_diagonal(InPlaceAfterUse(), batches, "empirical", method="hooks")
+
+
+class Recurrent(nn.Module):
+    """Token ids -> embedding -> a recurrent layer -> the last step's logits."""
+
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.rnn = cell(4, 5, num_layers=2, batch_first=True)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(self.embed(x))[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+def test_models_torch_func_cannot_transform_fall_back_to_the_loop(cell: type[nn.Module]) -> None:
+    """``vmap`` fails inside PyTorch's recurrent kernels: ``method="auto"`` computes the same
+    Fisher as the per-sample loop, saying so once (not once per batch); ``"func"`` raises."""
+    torch.manual_seed(0)
+    model = Recurrent(cell).double()
+    batches = pairs(torch.randint(0, 7, (9, 3)), torch.randint(0, 4, (9,)))
+    reference = fisher_diagonal(model, batches, method="loop")
+    with pytest.warns(UserWarning, match="one sample at a time") as caught:
+        assert_fisher_close(fisher_diagonal(model, batches), reference)
+    assert sum("one sample at a time" in str(w.message) for w in caught) == 1
+    assert all(float(f.abs().max()) > 0 for f in reference.values())
+    with pytest.raises(RuntimeError):
+        fisher_diagonal(model, batches, method="func")
+
+
+def test_attention_gives_the_loops_fisher_without_functorch_warnings() -> None:
+    """PyTorch's attention kernel has no ``vmap`` batching rule: functorch runs it sample by sample
+    and warns about speed on every batch; the result is right and the warning is not shown."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(12, 3)).double()
+    batches = pairs(torch.randn(9, 3, 4).double(), torch.randint(0, 3, (9,)))
+    reference = fisher_diagonal(model, batches, method="loop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_fisher_close(fisher_diagonal(model, batches), reference)
 
 
 def test_batched_kind() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import closing, contextmanager
 from typing import Any
@@ -96,8 +97,10 @@ def fisher_diagonal(
             BatchNorm, LayerNorm, GroupNorm, Embedding; any other module by a per-sample
             ``torch.func`` vjp), switching to ``"func"`` where the hooks cannot split the
             computation per module (a module called twice, shared or outside-used
-            parameters). ``"hooks"``: the same, raising :class:`FisherError` instead of
-            switching. ``"func"``: whole-model ``vmap`` of per-sample vjps. ``"loop"``: the plain
+            parameters), and to ``"loop"``, with a warning, where ``torch.func`` cannot
+            transform the model (``nn.LSTM`` / ``GRU`` / ``RNN``, ``.item()`` in ``forward``).
+            ``"hooks"``: the same, raising :class:`FisherError` instead of switching.
+            ``"func"``: whole-model ``vmap`` of per-sample vjps. ``"loop"``: the plain
             per-sample reference. The first three give the same result up to rounding for
             ``"exact"``, ``"sampled"``, ``"predicted"`` and ``"empirical"``; ``"batched"``
             ignores ``method``.
@@ -288,9 +291,15 @@ def first_samples(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:
 def _per_batch(
     request: Request, batches: Iterator[Any], method: str
 ) -> Generator[tuple[dict[str, Tensor], int], None, None]:
-    """Per batch: sums of per-sample gradient powers (by parameter name) and the sample count."""
+    """Per batch: sums of per-sample gradient powers (by parameter name) and the sample count.
+
+    ``"auto"`` goes hooks → ``func`` → loop, each step down for the rest of the call: to
+    ``func`` where the hooks cannot split the computation, to the loop where ``torch.func``
+    cannot transform the model (e.g. ``nn.LSTM``, ``.item()`` in ``forward``), with a warning.
+    Out-of-memory errors are raised, not switched."""
     hooks = method in ("auto", "hooks") and request.kind != "batched"
     engine = HookEngine(request) if hooks else None
+    use_loop = method == "loop"
     try:
         for batch in batches:
             result = None
@@ -299,17 +308,39 @@ def _per_batch(
             elif engine is not None:
                 try:
                     result = engine.batch(batch)
-                except HooksUnsupported:
-                    if method == "hooks":
+                except (HooksUnsupported, RuntimeError) as e:
+                    if method == "hooks" or _out_of_memory(e):
                         raise
                     engine.close()
                     engine = None
+            if result is None and not use_loop:
+                try:
+                    result = func_batch(request, batch)
+                except RuntimeError as e:
+                    if method == "func" or _out_of_memory(e):
+                        raise
+                    _warn_loop(request.model, e)
+                    use_loop = True
             if result is None:
-                result = (loop_batch if method == "loop" else func_batch)(request, batch)
+                result = loop_batch(request, batch)
             yield result
     finally:
         if engine is not None:
             engine.close()
+
+
+def _out_of_memory(e: Exception) -> bool:
+    return isinstance(e, torch.OutOfMemoryError)
+
+
+def _warn_loop(model: nn.Module, e: RuntimeError) -> None:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    warnings.warn(
+        f"torch.func could not compute per-sample gradients of {type(model).__name__} "
+        f"({reason}), so they are computed one sample at a time: the same values, one backward "
+        "pass per sample. method='loop' skips the attempt; method='func' raises instead.",
+        stacklevel=4,
+    )
 
 
 def _batched(request: Request, batch: Any) -> tuple[dict[str, Tensor], int]:

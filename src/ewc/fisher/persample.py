@@ -10,6 +10,7 @@ the hook method (one module) and the whole ``method="func"`` (the whole model).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ from torch.utils._pytree import tree_map
 
 from ._util import accumulate, sample_chunks
 from .batching import SampleSplit
+
+#: functorch's warning for an op that ``vmap`` runs sample by sample (correct, slower).
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching"
 
 
 def power_of(t: Tensor, power: int) -> Tensor:
@@ -61,10 +65,12 @@ def per_sample_grad_powers(
     n_inputs = sum(t[0].numel() * t.element_size() for t in split.per_sample)
     sums = {name: torch.zeros_like(p) for name, p in primals.items()}
     for rows in sample_chunks(n, 3 * n_params + 8 * n_inputs):
-        chunk = vmap(one_sample)(
-            [t[rows] for t in split.per_sample],
-            [tree_map(lambda t, r=rows: t[r], v) for v in grad_outputs],
-        )
+        with warnings.catch_warnings():  # e.g. attention: right, and slower; nothing to act on
+            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+            chunk = vmap(one_sample)(
+                [t[rows] for t in split.per_sample],
+                [tree_map(lambda t, r=rows: t[r], v) for v in grad_outputs],
+            )
         for name, s in chunk.items():
             sums[name] += s.sum(0)
     return sums
