@@ -117,6 +117,29 @@ def _tokens(vocab: int = 7) -> list[tuple[Tensor, Tensor]]:
     return pairs(tokens, torch.randint(0, 3, (9,)))
 
 
+class Tagger(nn.Module):
+    """Token ids ``[N, T]`` -> logits ``[N, T, 3]``, the positions mixed by a convolution (a
+    token classifier; a language model's logits have the same shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.mix = nn.Conv1d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mixed = torch.relu(self.mix(self.embed(x).transpose(1, 2)))
+        return self.head(mixed.transpose(1, 2))
+
+
+def _tags() -> list[tuple[Tensor, Tensor]]:
+    """Token ids ``[9, 5]`` and tags ``[9, 5]``, padding (``-100``) at the end of every other
+    sequence."""
+    tokens, tags = torch.randint(0, 7, (9, 5)), torch.randint(0, 3, (9, 5))
+    tags[::2, 3:] = -100
+    return pairs(tokens, tags)
+
+
 ACTIVE = torch.tensor([False, True, True, False, True])
 
 
@@ -207,6 +230,7 @@ CASES = {
         forward=_masked,
     ),
     "dict-batch": Case(KeywordNet, _dict_batches, forward=_by_key),
+    "token-logits": Case(lambda: Tagger(), lambda: _tags()),
 }
 
 
@@ -550,6 +574,67 @@ def test_attention_gives_the_loops_fisher_without_functorch_warnings() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_fisher_close(fisher_diagonal(model, batches), reference)
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_token_logits_sum_the_log_likelihood_over_labelled_positions(kind: str) -> None:
+    """Logits ``[N, T, C]`` with tags ``[N, T]``: a sample's log-likelihood is the sum over its
+    labelled positions (``-100``: none), so the empirical Fisher squares the gradient of that sum
+    and the exact one sums p_tc · (∇ log p_t(c))² over labelled positions and
+    classes (the cross-position terms vanish in expectation). Checked against autograd, one
+    sample, position and class at a time."""
+    torch.manual_seed(0)
+    model, batches = Tagger().double(), _tags()
+    params = dict(model.named_parameters())
+    want = {name: torch.zeros_like(p) for name, p in params.items()}
+    for tokens, tags in batches:
+        for i in range(len(tokens)):
+            log_p = torch.log_softmax(model(tokens[i : i + 1])[0], dim=-1)  # [T, C]
+            labelled = [t for t in range(tags.shape[1]) if int(tags[i, t]) != -100]
+            if kind == "empirical":
+                terms = [(1.0, sum(log_p[t, int(tags[i, t])] for t in labelled))]
+            else:
+                terms = [
+                    (float(log_p[t, c].detach().exp()), log_p[t, c])
+                    for t in labelled
+                    for c in range(3)
+                ]
+            for weight, term in terms:
+                grads = torch.autograd.grad(term, list(params.values()), retain_graph=True)
+                for name, g in zip(params, grads, strict=True):
+                    want[name] += weight * g.square() / 9
+    assert_fisher_close(fisher_diagonal(model, batches, kind=kind), want)
+
+
+@pytest.mark.parametrize("kind", PER_SAMPLE_KINDS)
+def test_positions_without_labels_add_nothing(kind: str) -> None:
+    """A batch whose tags are all ``-100`` has a zero Fisher for every kind (the sampled and
+    predicted targets keep the padding), and a fully padded sample changes a deterministic
+    kind's sum by nothing."""
+    torch.manual_seed(0)
+    model, ((tokens, tags),) = Tagger().double(), _tags()[:1]
+    padded = torch.full_like(tags, -100)
+    assert all(
+        float(f.abs().max()) == 0 for f in fisher_diagonal(model, [(tokens, padded)], kind).values()
+    )
+    if kind != "sampled":
+        with_pad = [(tokens, torch.cat([padded[:1], tags[1:]]))]
+        without = [(tokens[1:], tags[1:])]
+        n = len(tokens)
+        got = fisher_diagonal(model, with_pad, kind)
+        want = fisher_diagonal(model, without, kind)
+        assert_fisher_close(
+            {k: v * n for k, v in got.items()}, {k: v * (n - 1) for k, v in want.items()}
+        )
+
+
+def test_exact_kind_refuses_more_passes_than_a_language_model_can_afford() -> None:
+    """``kind="exact"`` costs a backward pass per position and class: on a language model's
+    logits it is refused before any pass, naming the kinds that cost one."""
+    model = nn.Sequential(nn.Embedding(50, 4), nn.Linear(4, 50))
+    batches = pairs(torch.randint(0, 50, (4, 300)), torch.randint(0, 50, (4, 300)), sizes=(4,))
+    with pytest.raises(FisherError, match="kind='sampled'"):
+        fisher_diagonal(model, batches, kind="exact")
 
 
 def test_batched_kind() -> None:

@@ -24,7 +24,11 @@ from transformers import PrinterCallback, Trainer, TrainingArguments  # noqa: E4
 from transformers.data.data_collator import default_data_collator  # noqa: E402
 
 import ewc  # noqa: E402
-from ewc.integrations.huggingface import EWCCallback, logits_and_labels  # noqa: E402
+from ewc.integrations.huggingface import (  # noqa: E402
+    EWCCallback,
+    logits_and_labels,
+    next_token_logits_and_labels,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -170,6 +174,56 @@ def test_consolidates_from_the_data_attribute_when_set() -> None:
     got = callback.regularizer.importance
     for name in want:
         torch.testing.assert_close(got[name], want[name])
+
+
+def tiny_gpt2(seed: int) -> nn.Module:
+    """A one-layer GPT-2 built from a config (no download): vocabulary 16, context 8, width 8,
+    its output layer tied to the token embedding."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    return GPT2LMHeadModel(config)
+
+
+def next_token_task(n: int, seed: int) -> list[dict[str, Tensor]]:
+    """``n`` sequences of 8 tokens counting up from a random start (mod 16), labels = the
+    inputs, as a language-modelling collator makes them, with the last 3 of every other
+    sequence padding (``-100``)."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 16, (n, 1), generator=g)
+    ids = (starts + torch.arange(8)) % 16
+    labels = ids.clone()
+    labels[::2, 5:] = -100
+    return [
+        {"input_ids": i, "attention_mask": torch.ones(8, dtype=torch.long), "labels": y}
+        for i, y in zip(ids, labels, strict=True)
+    ]
+
+
+def test_causal_language_model_consolidates_the_next_token_fisher() -> None:
+    """A causal LM trained by a Trainer with ``forward=next_token_logits_and_labels``: the
+    callback's importance is the empirical Fisher of the next-token log-likelihood summed over
+    the labelled positions, as the per-sample loop computes it (padding adds nothing); the next
+    task is trained under the penalty."""
+    model, task_a = tiny_gpt2(0), next_token_task(16, 0)
+    callback = EWCCallback(lam=LAM, fisher="empirical", forward=next_token_logits_and_labels)
+    train(Trainer(model=model, args=args(), train_dataset=task_a, callbacks=[callback]))
+    loader = DataLoader(task_a, batch_size=8, collate_fn=default_data_collator)
+    want = ewc.fisher_diagonal(
+        model, loader, kind="empirical", forward=next_token_logits_and_labels, method="loop"
+    )
+    assert callback.regularizer is not None
+    got = callback.regularizer.importance
+    assert set(got) == set(want) and float(sum(f.sum() for f in want.values())) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    train(
+        Trainer(
+            model=model, args=args(), train_dataset=next_token_task(16, 1), callbacks=[callback]
+        )
+    )
+    assert float(callback.regularizer.penalty().detach()) > 0
 
 
 def test_a_new_model_object_gets_the_state_and_the_penalty(

@@ -335,6 +335,7 @@ def _out_of_memory(e: Exception) -> bool:
 
 def _warn_loop(model: nn.Module, e: RuntimeError) -> None:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
     warnings.warn(
         f"torch.func could not compute per-sample gradients of {type(model).__name__} "
         f"({reason}), so they are computed one sample at a time: the same values, one backward "

@@ -13,6 +13,10 @@ output for a batch (samples along dim 0), ``target`` the batch's targets:
 ``predict(output) -> target`` (optional)
     The model's own most probable target per sample (a categorical's argmax). Used by
     ``"predicted"`` only.
+``ignored(target) -> Tensor | None`` (optional)
+    Where the target carries no label (a bool mask shaped like ``target``, e.g. padding
+    tokens marked ``-100``): the output-gradients are zeroed there for every kind, and a model
+    target (sampled, predicted) keeps the true target's entries there.
 ``exact_output_grads(output) -> Iterator[Tensor]``
     Tensors :math:`v_1, \dots, v_K` shaped like ``output`` with
     :math:`\sum_k v_{k,i} v_{k,i}^\top = \mathbb{E}_{y \sim p(\cdot \mid x_i)}
@@ -51,53 +55,98 @@ class Likelihood(Protocol):
 
 
 class CategoricalLikelihood:
-    r"""Softmax over logits ``output[N, C]``; targets are int64 class ids in ``[0, C)``.
+    r"""Softmax over the last dimension of ``output[N, ..., C]``; targets are int64 class ids
+    shaped ``output[..., 0]`` (``[N]`` for a classifier, ``[N, T]`` for token classification or
+    a language model's next tokens).
 
-    :math:`\log p(c \mid x) = z_c - \operatorname{logsumexp}(z)`. Logits of ``-inf`` (masked
-    classes) have probability 0: they are never sampled and add nothing to the exact Fisher.
-    The output-space Fisher is :math:`\operatorname{diag}(p) - pp^\top
-    = \sum_c v_c v_c^\top` with :math:`v_c = \sqrt{p_c}\,(e_c - p)`; one :math:`v_c` is
-    yielded per class that has nonzero probability for some sample in the batch.
+    :math:`\log p(y \mid x) = \sum_t (z_{t,y_t} - \operatorname{logsumexp}(z_t))` over the
+    positions :math:`t` of a sample (one for a classifier): the positions are independent given
+    the input, as in a token classifier or a teacher-forced language model. Targets equal to
+    ``ignore_index`` (``-100``, as in ``F.cross_entropy`` and Hugging Face labels) add
+    nothing. Logits of ``-inf`` (masked classes) have probability 0: they are never sampled and
+    add nothing to the exact Fisher. The output-space Fisher of a position is
+    :math:`\operatorname{diag}(p) - pp^\top = \sum_c v_c v_c^\top` with
+    :math:`v_c = \sqrt{p_c}\,(e_c - p)`; one :math:`v_c` is yielded per position and class
+    that has nonzero probability for some sample in the batch, so ``"exact"`` costs
+    positions × classes backward passes (refused above :data:`MAX_EXACT_PASSES` with extra
+    positions: use ``"sampled"``, one pass, unbiased).
+
+    Args:
+        ignore_index: the target value that marks a position without a label.
     """
 
+    def __init__(self, ignore_index: int = -100) -> None:
+        self.ignore_index = int(ignore_index)
+
+    def __repr__(self) -> str:
+        return f"CategoricalLikelihood(ignore_index={self.ignore_index})"
+
     def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
-        """Per-sample :math:`\\log p(y_i \\mid x_i)`, shape ``[N]``."""
+        r"""Per-sample :math:`\log p(y_i \mid x_i)` summed over positions, shape ``[N]``."""
         _check_logits(output)
-        n_classes = output.shape[1]
-        if target.dtype.is_floating_point or target.dtype == torch.bool or target.ndim != 1:
+        n_classes = output.shape[-1]
+        if (
+            target.dtype.is_floating_point
+            or target.dtype == torch.bool
+            or tuple(target.shape) != tuple(output.shape[:-1])
+        ):
             raise FisherError(
-                f"categorical targets must be int64 class ids of shape [N]; got dtype "
-                f"{target.dtype} and shape {list(target.shape)}. Pass labels, not one-hot or "
-                "float targets (or use likelihood='gaussian' for regression)."
+                f"categorical targets must be int64 class ids of shape "
+                f"{list(output.shape[:-1])} (the logits' shape without the class dimension); "
+                f"got dtype {target.dtype} and shape {list(target.shape)}. Pass labels, not "
+                "one-hot or float targets (or use likelihood='gaussian' for regression)."
             )
-        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= n_classes):
+        keep = target != self.ignore_index
+        labels = target[keep]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
             raise FisherError(
-                f"categorical targets must lie in [0, {n_classes}) for n_classes={n_classes}; "
-                f"got min={int(target.min())}, max={int(target.max())}. Remap the labels to the "
-                "model's output units or widen the output layer."
+                f"categorical targets must lie in [0, {n_classes}) for n_classes={n_classes} "
+                f"(or be ignore_index={self.ignore_index}); got min={int(labels.min())}, "
+                f"max={int(labels.max())}. Remap the labels to the model's output units or "
+                "widen the output layer."
             )
-        log_p = torch.log_softmax(output, dim=1)
-        return log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
+        log_p = torch.log_softmax(output, dim=-1)
+        picked = log_p.gather(-1, target.masked_fill(~keep, 0).long().unsqueeze(-1)).squeeze(-1)
+        return torch.where(keep, picked, 0.0).reshape(len(output), -1).sum(1)
 
     def sample(self, output: Tensor, generator: torch.Generator) -> Tensor:
-        """One class id per sample, drawn from ``softmax(output)`` with ``generator``."""
+        """One class id per position, drawn from ``softmax(output)`` with ``generator``."""
         _check_logits(output)
-        probs = torch.softmax(output.detach(), dim=1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        probs = torch.softmax(output.detach(), dim=-1).reshape(-1, output.shape[-1])
+        drawn = torch.multinomial(probs, 1, generator=generator)
+        return drawn.reshape(output.shape[:-1])
 
     def predict(self, output: Tensor) -> Tensor:
-        """The most probable class per sample (``argmax`` of the logits; masked classes never)."""
+        """The most probable class per position (``argmax``; masked classes never)."""
         _check_logits(output)
-        return output.detach().argmax(dim=1)
+        return output.detach().argmax(dim=-1)
+
+    def ignored(self, target: Tensor) -> Tensor:
+        """``target == ignore_index``: the positions without a label."""
+        return target == self.ignore_index
 
     def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
-        """Yield :math:`\\sqrt{p_c}(e_c - p)` for every class with some nonzero probability."""
+        r"""Yield :math:`\sqrt{p_c}(e_c - p)` at one position at a time, for every position and
+        every class with some nonzero probability there."""
         _check_logits(output)
-        probs = torch.softmax(output.detach(), dim=1)
-        for c in torch.nonzero(probs.amax(dim=0) > 0).flatten().tolist():
-            v = -probs
-            v[:, c] += 1.0
-            yield v * probs[:, c : c + 1].sqrt()
+        probs = torch.softmax(output.detach(), dim=-1)
+        flat = probs.reshape(len(output), -1, output.shape[-1])  # [N, positions, C]
+        passes = flat.shape[1] * flat.shape[2]
+        if flat.shape[1] > 1 and passes > MAX_EXACT_PASSES:
+            raise FisherError(
+                f"kind='exact' on logits of shape {list(output.shape)} costs one backward pass "
+                f"per position and class, {passes} a batch (more than {MAX_EXACT_PASSES}); use "
+                "kind='sampled' (one pass a batch, an unbiased estimate of the same Fisher) or "
+                "'empirical'."
+            )
+        for t in range(flat.shape[1]):
+            at = flat[:, t]
+            for c in torch.nonzero(at.amax(dim=0) > 0).flatten().tolist():
+                v = torch.zeros_like(flat)
+                v[:, t] = -at
+                v[:, t, c] += 1.0
+                v[:, t] *= at[:, c : c + 1].sqrt()
+                yield v.view_as(output)
 
 
 class GaussianLikelihood:
@@ -150,6 +199,9 @@ class GaussianLikelihood:
             v[:, k] = 1.0 / self.sigma
             yield v.view_as(output)
 
+
+#: The most backward passes ``kind="exact"`` may take per batch on logits with extra positions.
+MAX_EXACT_PASSES = 10_000
 
 LIKELIHOODS = {"categorical": CategoricalLikelihood, "gaussian": GaussianLikelihood}
 
@@ -229,30 +281,62 @@ def output_grads(
 
     ``"empirical"`` / ``"sampled"`` / ``"predicted"``: :math:`\nabla_f \sum_i \log p(y_i \mid
     f_i)` with the true / a sampled / the predicted target (one pass); ``"exact"``:
-    ``likelihood.exact_output_grads``.
+    :func:`exact_output_grads`.
     """
     out = output.detach()
     if kind == "exact":
-        return iter(likelihood.exact_output_grads(out))
-    y = model_target(likelihood, kind, out, rng) if kind in ("sampled", "predicted") else target
+        return exact_output_grads(likelihood, out, target)
+    y = (
+        model_target(likelihood, kind, out, rng, target)
+        if kind in ("sampled", "predicted")
+        else target
+    )
     with torch.enable_grad():
         out.requires_grad_(True)
         (grad,) = torch.autograd.grad(checked_log_prob(likelihood, out, y).sum(), out)
     return iter([grad])
 
 
-def model_target(likelihood: Any, kind: str, output: Tensor, rng: SeededGenerator) -> Tensor:
+def exact_output_grads(likelihood: Likelihood, output: Tensor, target: Any) -> Iterator[Tensor]:
+    """``likelihood.exact_output_grads(output)``, zeroed where the likelihood says ``target``
+    is ignored (directions left all zero are skipped)."""
+    ignored = _ignored(likelihood, target)
+    for v in likelihood.exact_output_grads(output):
+        if ignored is not None:
+            v = v.masked_fill(ignored.reshape(*ignored.shape, *[1] * (v.ndim - ignored.ndim)), 0)
+            if not bool(v.any()):
+                continue
+        yield v
+
+
+def model_target(
+    likelihood: Any, kind: str, output: Tensor, rng: SeededGenerator, target: Any = None
+) -> Tensor:
     """The targets the model supplies for ``kind``: drawn from it (``"sampled"``) or its own
-    prediction (``"predicted"``)."""
+    prediction (``"predicted"``), keeping ``target``'s entries where the likelihood ignores
+    them."""
     if kind == "sampled":
-        return likelihood.sample(output, rng.on(output.device))
-    return likelihood.predict(output)
+        y = likelihood.sample(output, rng.on(output.device))
+    else:
+        y = likelihood.predict(output)
+    ignored = _ignored(likelihood, target)
+    return y if ignored is None else torch.where(ignored, target, y)
+
+
+def _ignored(likelihood: Any, target: Any) -> Tensor | None:
+    """The likelihood's mask of unlabelled target entries, or ``None`` where there are none."""
+    method = getattr(likelihood, "ignored", None)
+    if method is None or not isinstance(target, Tensor):
+        return None
+    mask = method(target)
+    return mask if bool(mask.any()) else None
 
 
 def _check_logits(output: Tensor) -> None:
-    if output.ndim != 2 or not output.dtype.is_floating_point:
+    if output.ndim < 2 or not output.dtype.is_floating_point:
         raise FisherError(
-            f"the categorical likelihood needs float logits of shape [N, C]; got dtype "
-            f"{output.dtype} and shape {list(output.shape)}. Flatten extra dimensions in "
-            "forward= or pass a likelihood object for structured outputs."
+            f"the categorical likelihood needs float logits of shape [N, C] (or [N, ..., C] "
+            f"with one class distribution per position); got dtype {output.dtype} and shape "
+            f"{list(output.shape)}. Return logits from forward=, or pass a likelihood object "
+            "for other outputs."
         )

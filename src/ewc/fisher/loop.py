@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .batching import batch_size, call_forward, take
-from .likelihoods import checked_log_prob, model_target
+from .likelihoods import checked_log_prob, exact_output_grads, model_target
 from .persample import power_of
 from .request import Request
 
@@ -29,14 +29,14 @@ def loop_batch(request: Request, batch: Any) -> tuple[dict[str, Tensor], int]:
     sampled = None
     if request.kind in ("sampled", "predicted"):
         with torch.no_grad():
-            output = call_forward(forward, model, batch)[0]
-        sampled = model_target(likelihood, request.kind, output, request.rng)
+            output, target, _ = call_forward(forward, model, batch)
+        sampled = model_target(likelihood, request.kind, output, request.rng, target)
     sums = [torch.zeros_like(p) for p in params]
     for i in range(n):
         output, target, _ = call_forward(forward, model, take(batch, n, slice(i, i + 1)))
         roots: list[tuple[Tensor, Tensor | None]]
         if request.kind == "exact":
-            roots = [(output, v) for v in likelihood.exact_output_grads(output.detach())]
+            roots = [(output, v) for v in exact_output_grads(likelihood, output.detach(), target)]
         else:
             y = target if sampled is None else sampled[i : i + 1]
             roots = [(checked_log_prob(likelihood, output, y).sum(), None)]

@@ -64,14 +64,16 @@ TrainerCallback: Any = _transformers.TrainerCallback
 #: The regularizer's state in each Trainer checkpoint folder.
 STATE_FILE = "ewc_callback.pt"
 
-__all__ = ["STATE_FILE", "EWCCallback", "logits_and_labels"]
+__all__ = ["STATE_FILE", "EWCCallback", "logits_and_labels", "next_token_logits_and_labels"]
 
 
 def logits_and_labels(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
     """The default ``forward`` for Hugging Face batches: ``model(**inputs).logits`` and
     ``batch["labels"]``, where ``inputs`` is the batch without ``labels`` (so the model computes
-    no loss). Fits sequence classification (logits ``[N, C]``, labels ``[N]``); for other heads
-    pass your own ``forward``."""
+    no loss). Fits sequence classification (logits ``[N, C]``, labels ``[N]``) and token
+    classification (``[N, T, C]``, ``[N, T]``, ``-100`` where a token has no label); for a causal
+    language model use :func:`next_token_logits_and_labels`, for other heads your own
+    ``forward``."""
     if not (isinstance(batch, dict) and "labels" in batch):
         raise FisherError(
             f"a batch of type {type(batch).__name__} has no 'labels' entry; pass "
@@ -79,6 +81,16 @@ def logits_and_labels(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
         )
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return model(**inputs).logits, batch["labels"]
+
+
+def next_token_logits_and_labels(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
+    """``forward`` for causal language models: the logits ``[N, T-1, V]`` at positions 0..T-2
+    and the labels ``[N, T-1]`` at 1..T-1, each position predicting the next token (the models
+    shift inside their own loss; here the shift is explicit). ``-100`` labels (padding, prompt
+    tokens) add nothing. Use it with ``fisher="sampled"`` or ``"empirical"``: the exact Fisher
+    would cost a backward pass per position and vocabulary entry."""
+    logits, labels = logits_and_labels(model, batch)
+    return logits[:, :-1], labels[:, 1:]
 
 
 class EWCCallback(TrainerCallback):
