@@ -28,7 +28,7 @@ output for a batch (samples along dim 0), ``target`` the batch's targets:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -203,7 +203,10 @@ class GaussianLikelihood:
 #: The most backward passes ``kind="exact"`` may take per batch on logits with extra positions.
 MAX_EXACT_PASSES = 10_000
 
-LIKELIHOODS = {"categorical": CategoricalLikelihood, "gaussian": GaussianLikelihood}
+LIKELIHOODS: dict[str, Callable[[], Likelihood]] = {
+    "categorical": CategoricalLikelihood,
+    "gaussian": GaussianLikelihood,
+}
 
 _NEEDS = {
     "exact": "exact_output_grads",
