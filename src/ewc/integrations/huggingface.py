@@ -166,7 +166,8 @@ class EWCCallback(TrainerCallback):
         """Warn when a later task's ``Trainer`` asks for another mixed precision than the one that
         prepared ``model``: accelerate prepares a model once (it marks it), so the first
         precision silently holds (docs/integrations/huggingface.md, "Known limits")."""
-        asked = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        bf16, fp16 = getattr(args, "bf16", False), getattr(args, "fp16", False)
+        asked = "bf16" if bf16 else "fp16" if fp16 else "fp32"
         first = self._precision.setdefault(model, asked)
         if first != asked and getattr(model, "_is_accelerate_prepared", False):
             warnings.warn(
