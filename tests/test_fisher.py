@@ -628,6 +628,12 @@ def test_positions_without_labels_add_nothing(kind: str) -> None:
         )
 
 
+@pytest.mark.parametrize("bad", ["x", 1.5, True])
+def test_ignore_index_must_be_an_int(bad: object) -> None:
+    with pytest.raises(FisherError, match="ignore_index must be an int"):
+        CategoricalLikelihood(ignore_index=bad)  # type: ignore[arg-type]
+
+
 def test_exact_kind_refuses_more_passes_than_a_language_model_can_afford() -> None:
     """``kind="exact"`` costs a backward pass per position and class: on a language model's
     logits it is refused before any pass, naming the kinds that cost one."""

@@ -309,7 +309,7 @@ def _per_batch(
                 try:
                     result = engine.batch(batch)
                 except (HooksUnsupported, RuntimeError) as e:
-                    if method == "hooks" or _out_of_memory(e):
+                    if method == "hooks" or isinstance(e, torch.OutOfMemoryError):
                         raise
                     engine.close()
                     engine = None
@@ -317,7 +317,7 @@ def _per_batch(
                 try:
                     result = func_batch(request, batch)
                 except RuntimeError as e:
-                    if method == "func" or _out_of_memory(e):
+                    if method == "func" or isinstance(e, torch.OutOfMemoryError):
                         raise
                     _warn_loop(request.model, e)
                     use_loop = True
@@ -327,10 +327,6 @@ def _per_batch(
     finally:
         if engine is not None:
             engine.close()
-
-
-def _out_of_memory(e: Exception) -> bool:
-    return isinstance(e, torch.OutOfMemoryError)
 
 
 def _warn_loop(model: nn.Module, e: RuntimeError) -> None:

@@ -76,7 +76,12 @@ class CategoricalLikelihood:
     """
 
     def __init__(self, ignore_index: int = -100) -> None:
-        self.ignore_index = int(ignore_index)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise FisherError(
+                f"ignore_index must be an int (the label that marks 'no label'); got "
+                f"ignore_index={ignore_index!r}. Pass e.g. -100, as in F.cross_entropy."
+            )
+        self.ignore_index = ignore_index
 
     def __repr__(self) -> str:
         return f"CategoricalLikelihood(ignore_index={self.ignore_index})"
