@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from ewc import MAS
 from ewc.fisher import (
+    BernoulliLikelihood,
     CategoricalLikelihood,
     FisherError,
     GaussianLikelihood,
@@ -224,6 +225,11 @@ CASES = {
         lambda: pairs(torch.randn(9, 6), torch.randn(9, 3)),
         likelihood=GaussianLikelihood(0.5),
     ),
+    "bernoulli-multilabel": Case(
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)),
+        lambda: pairs(torch.randn(9, 6), torch.randint(0, 2, (9, 3)).float()),
+        likelihood="bernoulli",
+    ),
     "masked-logits": Case(
         lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5)),
         lambda: pairs(torch.randn(9, 6), torch.tensor([1, 2, 4, 4, 1, 2, 2, 1, 4])),
@@ -308,6 +314,73 @@ def test_exact_gaussian_is_closed_form_for_a_linear_model() -> None:
     fisher = fisher_diagonal(model, pairs(x, torch.zeros(9, 3)), likelihood=GaussianLikelihood(0.5))
     weight = (x.square().mean(0) / 0.25).expand(3, 6)
     assert_fisher_close(fisher, {"weight": weight, "bias": torch.full((3,), 4.0).double()})
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_exact_bernoulli_is_the_expectation_over_both_labels(squeeze: bool) -> None:
+    """A binary classifier with one logit, ``[N, 1]`` or squeezed to ``[N]``: independent of
+    exact_output_grads, p (d log p / d theta)^2 + (1 - p)(d log(1 - p) / d theta)^2 per sample;
+    the sampled kind averages to it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 2, (9,)).double()
+
+    def forward(m: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        out = m(batch[0])
+        return (out.squeeze(1), batch[1]) if squeeze else (out, batch[1][:, None])
+
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(9):
+        z = model(x[i : i + 1])[0, 0]
+        for log_p in (F.logsigmoid(z), F.logsigmoid(-z)):
+            grads = torch.autograd.grad(log_p, list(model.parameters()), retain_graph=True)
+            for (n, _), g in zip(model.named_parameters(), grads, strict=True):
+                expected[n] += log_p.exp().detach() * g.square() / 9
+    batches = pairs(x, y)
+    assert_fisher_close(
+        fisher_diagonal(model, batches, likelihood="bernoulli", forward=forward), expected
+    )
+    sampled = [
+        fisher_diagonal(model, batches, "sampled", "bernoulli", forward=forward, seed=s)
+        for s in range(300)
+    ]
+    for n, e in expected.items():
+        mean = torch.stack([f[n] for f in sampled]).mean(0)
+        assert float((mean - e).abs().max()) < 0.15 * float(e.abs().max()), n
+
+
+def test_one_output_unit_is_refused_by_the_categorical_likelihood() -> None:
+    """Softmax over one logit is 1 for any weights: the Fisher would be silently zero, so the
+    categorical likelihood refuses it and names the likelihood to use instead."""
+    model = nn.Linear(6, 1)
+    batches = [(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))]
+    for kind in PER_SAMPLE_KINDS:
+        with pytest.raises(FisherError, match=r"shape \[4, 1\]: one class.*'bernoulli'"):
+            fisher_diagonal(model, batches, kind)
+    with pytest.raises(FisherError, match=r"0/1 labels shaped like the logits \[4, 1\]"):
+        fisher_diagonal(model, batches, "empirical", likelihood=BernoulliLikelihood())
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_one_output_per_sample_may_be_squeezed(likelihood: str) -> None:
+    """A single-output model read as ``[N]`` (``out.squeeze(1)``, targets ``[N]``) has the
+    Fisher of the same model read as ``[N, 1]``, for every kind and method."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 2, (9,)).double()
+    batches = pairs(x, y)
+
+    def squeezed(m: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        return m(batch[0]).squeeze(1), batch[1]
+
+    def column(m: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        return m(batch[0]), batch[1][:, None]
+
+    for kind in PER_SAMPLE_KINDS:
+        expected = fisher_diagonal(model, batches, kind, likelihood, forward=column, method="loop")
+        for method in ("hooks", "func", "loop"):
+            got = fisher_diagonal(model, batches, kind, likelihood, forward=squeezed, method=method)
+            assert_fisher_close(got, expected)
 
 
 def test_masked_classes_cost_no_backward_pass() -> None:
@@ -803,6 +876,37 @@ def test_errors_are_value_errors_with_fixes() -> None:
         fisher_diagonal(_mlp(), [{"x": torch.randn(2, 6)}])
     with pytest.raises(FisherError, match="sigma"):
         GaussianLikelihood(0.0)
+
+
+def test_batch_mistakes_get_a_message_naming_the_fix() -> None:
+    """One pair passed as ``batches``, three-item batches, a Dataset instead of a DataLoader, a
+    dict or model-output object instead of logits: each named, with the fix."""
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(FisherError, match=r"one tensor of shape \[4, 6\].*\[\(x, y\)\]"):
+        fisher_diagonal(_mlp(), (x, y))
+    with pytest.raises(FisherError, match=r"a batch of 3 items.*batch\[0\]"):
+        fisher_diagonal(_mlp(), [(x, y, y)])
+    dataset = torch.utils.data.TensorDataset(x, y)
+    with pytest.raises(FisherError, match=r"wrap it in DataLoader\(dataset"):
+        fisher_diagonal(_mlp(), dataset)
+
+    def as_dict(model: nn.Module, batch: Any) -> tuple[Any, Tensor]:
+        return {"logits": model(batch[0])}, batch[1]
+
+    for kind in ("exact", "batched"):
+        with pytest.raises(FisherError, match=r"output is a dict, not a tensor.*\.logits"):
+            fisher_diagonal(_mlp(), [(x, y)], kind, forward=as_dict)
+
+
+@pytest.mark.parametrize("method", ["auto", "loop"])
+def test_batches_of_another_dtype_than_the_model_are_named(method: str) -> None:
+    """float32 batches into a float64 model: one FisherError naming both dtypes and the cast,
+    with no warning about torch.func on the way."""
+    model = _mlp().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FisherError, match=r"batch 0: .*float32 tensors.*float64.*\.to\("):
+            fisher_diagonal(model, _vectors(), method=method)
 
 
 @pytest.mark.parametrize("kind", ["empirical", "batched"])

@@ -308,6 +308,72 @@ def test_resuming_without_the_state_file_warns() -> None:
         resumed.train(resume_from_checkpoint=True)
 
 
+def test_resuming_another_tasks_checkpoint_warns_to_give_each_task_its_own_output_dir() -> None:
+    """Tasks sharing one output_dir: task B resumed with ``resume_from_checkpoint=True`` picks
+    task A's last checkpoint (written before A was consolidated) and trains 0 steps; the
+    callback says both, with the fix."""
+    out = tempfile.mkdtemp()
+    model, callback = build(False), EWCCallback(lam=LAM)
+    checkpointing = args(output_dir=out, save_strategy="steps", save_steps=4)
+    train(
+        Trainer(
+            model=model, args=checkpointing, train_dataset=TokenTask("a", 64, 0),
+            callbacks=[callback],
+        )
+    )  # fmt: skip
+    task_b = Trainer(
+        model=model, args=checkpointing, train_dataset=TokenTask("b", 64, 1), callbacks=[callback]
+    )
+    task_b.remove_callback(PrinterCallback)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task_b.train(resume_from_checkpoint=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert any("holds 0 consolidated task(s) but this callback has 1" in m for m in messages)
+    assert any("ran no optimizer step" in m and "its own output_dir" in m for m in messages)
+
+
+class TupleBert(nn.Module):
+    """A BERT that returns tuples (``return_dict=False``), as some code bases configure it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bert = tiny_bert(0)
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.bert(**inputs, return_dict=False)
+
+
+def test_default_forward_takes_the_logits_of_a_tuple_output() -> None:
+    """``return_dict=False``: the logits are the first item; the same Fisher as the dict output."""
+    model = TupleBert()
+    loader = DataLoader(TokenTask("a", 16, 0), batch_size=8, collate_fn=default_data_collator)
+    got = ewc.fisher_diagonal(model, loader, forward=logits_and_labels)
+    want = ewc.fisher_diagonal(model.bert, loader, forward=logits_and_labels)
+    for name, value in want.items():
+        torch.testing.assert_close(got["bert." + name], value)
+
+
+def test_data_the_callback_cannot_consolidate_from_fails_before_training() -> None:
+    """``data`` given as a list of single samples (not batches): the model cannot take one, and
+    the callback says so when ``train()`` starts, with the weights still untrained."""
+    model = build(False)
+    before = trained_parameters(model)
+    samples = [TokenTask("b", 4, 1)[i] for i in range(4)]
+    callback = EWCCallback(lam=LAM, data=samples)
+    trainer = Trainer(
+        model=model, args=args(), train_dataset=TokenTask("a", 64, 0), callbacks=[callback]
+    )
+    trainer.remove_callback(PrinterCallback)
+    with pytest.raises(
+        ValueError,
+        match=r"first batch \(dict \{input_ids: \[12\], labels: \[\]\}\).*before training",
+    ):
+        trainer.train()
+    for name, value in trained_parameters(model).items():
+        assert torch.equal(value, before[name])
+
+
 @pytest.mark.parametrize("second", [{}, {"bf16": True}], ids=["same", "bf16-after-fp32"])
 def test_a_later_task_in_another_precision_warns(second: dict[str, Any]) -> None:
     """accelerate keeps the first Trainer's precision for a model it prepared: a second task that

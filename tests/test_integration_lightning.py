@@ -109,7 +109,7 @@ def test_penalty_gradient_is_scaled_like_the_gradients_it_joins(unscaled_first: 
     A CPU GradScaler stands in for the GPU's."""
     module = Net()
     callback = EWCCallback(lam=LAM)
-    callback.on_train_start(None, module)
+    callback.on_train_start(SimpleNamespace(train_dataloader=loader(0)), module)
     assert callback.regularizer is not None
     callback.regularizer.consolidate(loader(0))
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_si_path_skips_a_step_the_grad_scaler_skipped() -> None:
     no NaN from inf·0. A CPU GradScaler stands in for the GPU's."""
     module = Net()
     callback = EWCCallback(lam=1.0, strategy="si")
-    callback.on_train_start(None, module)
+    callback.on_train_start(SimpleNamespace(train_dataloader=loader(0)), module)
     sgd = torch.optim.SGD(module.parameters(), lr=LR)
     scaler = torch.amp.GradScaler("cpu")
     trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
@@ -211,7 +211,7 @@ def test_state_is_saved_in_lightning_checkpoints_and_restored_at_the_next_fit(
 
     restored = EWCCallback(lam=LAM)
     restored.load_state_dict(saved)
-    restored.on_train_start(None, module)  # what the next fit does first
+    restored.on_train_start(trainer, module)  # what the next fit does first
     assert restored.regularizer is not None
     state = restored.regularizer.state_dict()
     assert state["n_tasks"] == expected["n_tasks"] == 1
@@ -308,6 +308,52 @@ def test_under_ddp_every_rank_consolidates_the_fisher_of_all_shards(tmp_path: Pa
         for name, f in r["single"].items():
             assert float(f.abs().sum()) > 0
             torch.testing.assert_close(r["importance"][name], f, rtol=1e-5, atol=1e-9)
+
+
+class DictNet(Net):
+    """``Net`` trained on dict batches ``{"x", "y"}``."""
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+
+def dict_loader(seed: int) -> DataLoader:
+    pairs = loader(seed).dataset
+    return DataLoader([{"x": x, "y": y} for x, y in pairs], batch_size=8)
+
+
+def test_a_forward_that_does_not_fit_the_batches_fails_before_training() -> None:
+    """Dict batches with the default ``forward`` (which expects ``(x, y)`` pairs): the error
+    comes when ``fit`` starts, names the batch and the fix, and the weights are untouched."""
+    module = DictNet()
+    before = params(module)
+    with pytest.raises(
+        ValueError, match=r"first batch \(dict \{x: \[8, 4\], y: \[8\]\}\).*forward="
+    ):
+        fit(module, dict_loader(0), [EWCCallback(lam=LAM)], max_epochs=1)
+    for name, value in params(module).items():
+        assert torch.equal(value, before[name])
+    callback = EWCCallback(lam=LAM, forward=lambda m, b: (m(b["x"]), b["y"]))
+    fit(module, dict_loader(0), [callback], max_epochs=1)
+    assert callback.regularizer is not None and callback.regularizer.n_tasks == 1
+
+
+def test_the_check_before_training_leaves_the_training_order_as_it_was() -> None:
+    """The batch checked at the start comes from an unshuffled copy of the training loader, or
+    from a shuffled ``data`` loader with the global RNG restored afterwards: training on a
+    shuffled loader ends at the same weights with EWC (which checks) as with L2 (which reads no
+    data), both without a penalty on the first task."""
+    ends = []
+    for strategy, data in (("ewc", None), ("ewc", "shuffled"), ("l2", None)):
+        module = Net()
+        shuffled = DataLoader(loader(0).dataset, batch_size=4, shuffle=True)
+        callback = EWCCallback(lam=LAM, strategy=strategy, data=data and shuffled)
+        torch.manual_seed(1)
+        fit(module, shuffled, [callback], max_epochs=2)
+        ends.append(params(module))
+    for end in ends[1:]:
+        for name, value in ends[0].items():
+            assert torch.equal(value, end[name])
 
 
 def test_bad_arguments_fail_when_the_callback_is_built() -> None:

@@ -175,6 +175,11 @@ def test_a_layer_called_twice_is_refused() -> None:
         KFAC(model, lam=1.0).consolidate(batches(mlp()))
 
 
+def test_proximal_step_is_refused_with_what_to_use_instead() -> None:
+    with pytest.raises(NotImplementedError, match=r"no proximal_step.*add_penalty_grad\(\)"):
+        KFAC(mlp(), lam=1.0).proximal_step(0.1)
+
+
 def test_state_round_trips_through_torch_save_and_follows_the_model() -> None:
     model = mlp()
     reg = KFAC(model, lam=2.0, gamma=0.9)

@@ -317,6 +317,18 @@ def test_si_integrates_the_gradient_including_the_penalty() -> None:
     assert reg.state_dict()["path"]["w"].item() == pytest.approx(-1.0)
 
 
+def test_si_consolidate_refuses_a_task_trained_without_after_step() -> None:
+    """Weights moved but after_step() never ran: the importance would be silently zero, so
+    consolidate refuses and leaves the state as it was; an untouched model consolidates."""
+    model = mlp()
+    reg = SI(model, lam=1.0)
+    reg.consolidate()  # nothing moved: zero importance is the right answer
+    perturb(model, seed=1)
+    with pytest.raises(ValueError, match=r"after_step\(\) was never called"):
+        reg.consolidate()
+    assert reg.n_tasks == 1
+
+
 def test_si_skips_parameters_without_grad() -> None:
     model = mlp()
     reg = SI(model, lam=1.0)
@@ -472,7 +484,7 @@ def test_load_into_a_mismatched_model_names_the_mismatches() -> None:
 
 def test_load_rejects_another_type_and_missing_keys() -> None:
     model = mlp()
-    with pytest.raises(ValueError, match="saved by EWC, not SI; build a EWC"):
+    with pytest.raises(ValueError, match=r"saved by EWC, not SI; build ewc.EWC\(model"):
         SI(model, lam=1.0).load_state_dict(EWC(model, lam=1.0).state_dict())
     state = EWC(model, lam=1.0).state_dict()
     del state["n_tasks"]
@@ -577,6 +589,31 @@ def test_bad_importance_is_rejected() -> None:
     with pytest.raises(ValueError, match="lr must be finite and > 0; got lr=0"):
         reg.proximal_step(0)
     assert reg.n_tasks == 0
+
+
+def test_importance_of_a_wrapped_model_is_read_without_the_module_prefix() -> None:
+    """``fisher_diagonal(wrapper, ...)`` names parameters ``module.*``, as the wrapper's
+    named_parameters() does; a regularizer of the same wrapper takes them as they are."""
+    model = mlp()
+    wrapped = nn.DataParallel(model)
+    fisher = fisher_diagonal(wrapped, batches())
+    assert all(n.startswith("module.") for n in fisher)
+    via_wrapper, direct = EWC(wrapped, lam=1.0), EWC(model, lam=1.0)
+    via_wrapper.add_task(fisher)
+    direct.add_task(fisher_diagonal(model, batches()))
+    for name, value in direct.importance.items():
+        assert torch.equal(via_wrapper.importance[name], value)
+
+
+def test_parameters_unfrozen_after_building_are_named_with_the_fix() -> None:
+    """The regularizer keeps the parameters trainable when it was built; importance for one
+    unfrozen later is refused by name, saying to build the regularizer after unfreezing."""
+    model = mlp()
+    model[0].requires_grad_(False)
+    reg = EWC(model, lam=1.0)
+    model[0].requires_grad_(True)
+    with pytest.raises(ValueError, match=r"\['0.bias', '0.weight'\].*build it after freezing"):
+        reg.consolidate(batches())
 
 
 def test_nan_from_a_diverged_model_is_caught_at_consolidate() -> None:

@@ -137,7 +137,7 @@ class KFAC:
         distributed: all-reduce the factors over ranks under ``torch.distributed`` (default).
 
     Each layer's module must be called once per forward (no weight sharing through a layer
-    called twice). There is no ``proximal_step``: the penalty is not diagonal.
+    called twice). :meth:`proximal_step` raises: the penalty is not diagonal.
     """
 
     def __init__(
@@ -231,6 +231,14 @@ class KFAC:
     def after_step(self) -> None:
         """Nothing to do after an optimizer step (kept for the common protocol)."""
 
+    def proximal_step(self, lr: float) -> None:
+        """Not available: raises ``NotImplementedError`` saying what to use instead."""
+        raise NotImplementedError(
+            "KFAC has no proximal_step: its penalty couples each layer's weights through "
+            "A ⊗ G, so there is no closed-form step per weight. Call add_penalty_grad() after "
+            "backward() (or add penalty() to the loss) instead."
+        )
+
     def _curvature_times(self, layer: _Layer, diff: Tensor) -> Tensor:
         """:math:`\\sum_t \\gamma^{T-t} G_t\\,\\Delta W A_t` for ``diff`` = ΔW ``[out, K]``."""
         total = torch.zeros_like(diff)
@@ -299,7 +307,7 @@ class KFAC:
             for layer in self._layers
         ]
         rng = SeededGenerator(self.seed)
-        feed = Feed(batches, next(iter(self._params.values())).device)
+        feed = Feed(batches, next(iter(self._params.values())))
         total = 0
         try:
             with eval_mode(self.model), torch.enable_grad(), feed.naming_errors():
@@ -408,8 +416,9 @@ class KFAC:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output onto the parameters' devices; everything is checked
-        first (a refused state changes nothing)."""
+        """Restore :meth:`state_dict` output onto the parameters' devices, ``lam`` and
+        ``gamma`` included (set ``reg.lam`` afterwards to change λ); everything is checked first
+        (a refused state changes nothing)."""
         if not isinstance(state, Mapping) or state.get("type") != "KFAC":
             raise ValueError("not a KFAC state dict (its 'type' must be 'KFAC').")
         lam = _check_lam(state.get("lam"))  # type: ignore[arg-type]

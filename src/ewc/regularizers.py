@@ -438,7 +438,12 @@ class QuadraticRegularizer(ABC):
         self.n_tasks += 1
 
     def _aligned(self, tensors: Mapping[str, Tensor], what: str, partial: bool) -> list[Tensor]:
-        """``tensors`` in parameter order, on the parameters' device and dtype, checked."""
+        """``tensors`` in parameter order, on the parameters' device and dtype, checked. Names
+        from a ``DistributedDataParallel`` / ``DataParallel`` wrapper (``module.`` prefixed, as
+        ``fisher_diagonal(ddp_model, ...)`` returns them) are read without the prefix."""
+        prefixed = all(n.startswith("module.") for n in tensors)
+        if tensors and prefixed and not set(tensors) & set(self._names):
+            tensors = {n.removeprefix("module."): t for n, t in tensors.items()}
         _check_names_shapes(
             tensors, dict(zip(self._names, self._params, strict=True)), what, partial=partial
         )
@@ -465,7 +470,9 @@ class QuadraticRegularizer(ABC):
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output onto the parameters' devices and dtypes.
+        """Restore :meth:`state_dict` output onto the parameters' devices and dtypes, ``lam``,
+        ``mode`` and ``gamma`` included (as ``torch.optim`` restores ``lr``): to change λ after
+        loading, set ``reg.lam``.
 
         Everything is checked before anything changes (a failed load leaves the regularizer as it
         was): raises ``ValueError`` naming the problem for a state saved by another regularizer
@@ -476,8 +483,8 @@ class QuadraticRegularizer(ABC):
             raise ValueError(f"state must be a dict from state_dict(); got {type(state).__name__}.")
         if state.get("type", type(self).__name__) != type(self).__name__:
             raise ValueError(
-                f"state dict was saved by {state['type']}, not {type(self).__name__}; build a "
-                f"{state['type']} to load it."
+                f"state dict was saved by {state['type']}, not {type(self).__name__}; build "
+                f"ewc.{state['type']}(model, ...) to load it."
             )
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
@@ -586,10 +593,16 @@ def _check_names_shapes(
             f"missing parameters: {missing}" if missing else "",
             f"shape mismatches: {wrong}" if wrong else "",
         ]
+        if what.startswith("state dict"):
+            fix = "rebuild the model (and freeze the same parameters) as when the state was saved"
+        else:
+            fix = (
+                "the regularizer holds the parameters that had requires_grad=True when it was "
+                "built: build it after freezing or unfreezing"
+            )
         raise ValueError(
             f"{what} does not match the model: " + "; ".join(p for p in parts if p) + ". "
-            f"The model's trainable parameters are {list(params)}; rebuild the model (and "
-            "freeze the same parameters) as when the state was saved."
+            f"The regularized parameters are {list(params)}; {fix}."
         )
 
 
@@ -620,7 +633,8 @@ class EWC(QuadraticRegularizer):
             ``"predicted"`` (the model's argmax label, van de Ven & Tolias 2019's code),
             ``"empirical"`` (true labels), ``"batched"`` (squared mini-batch gradients).
         fisher_samples: use at most this many samples for the Fisher (``None``: all).
-        likelihood: ``"categorical"``, ``"gaussian"`` or a likelihood object.
+        likelihood: ``"categorical"``, ``"bernoulli"`` (one logit per binary label),
+            ``"gaussian"`` or a likelihood object.
         forward: ``forward(model, batch) -> (output, target)``; default ``model(x), y``.
         distributed: all-reduce the Fisher over ranks when a ``torch.distributed`` process
             group is initialised (default), so every rank holds the same penalty.
@@ -767,7 +781,17 @@ class SI(QuadraticRegularizer):
 
     @torch.no_grad()
     def consolidate(self, batches: Iterable[Any] | None = None) -> None:
-        """Merge this task's :math:`\\Omega_t`; restart the path integral from here."""
+        """Merge this task's :math:`\\Omega_t`; restart the path integral from here. Raises
+        ``ValueError`` (and changes nothing) when the parameters moved during the task but
+        :meth:`after_step` was never called: the importance would be zero."""
+        self._follow_model()
+        moved = any(not torch.equal(p, s) for p, s in zip(self._params, self._start, strict=True))
+        if moved and not any(bool(w.any()) for w in self._path):
+            raise ValueError(
+                "SI.consolidate(): the parameters moved during this task but after_step() was "
+                "never called, so the path integral is zero and SI would hold nothing. Call "
+                "reg.after_step() after every optimizer.step()."
+            )
         super().consolidate(batches)
         torch._foreach_zero_(self._path)
         torch._foreach_copy_(self._start, self._params)

@@ -14,12 +14,18 @@ against.
 
 from .core import KINDS, METHODS, fisher_diagonal
 from .errors import FisherError
-from .likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood
+from .likelihoods import (
+    BernoulliLikelihood,
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+)
 from .rules import Rule, register_rule
 
 __all__ = [
     "KINDS",
     "METHODS",
+    "BernoulliLikelihood",
     "CategoricalLikelihood",
     "FisherError",
     "GaussianLikelihood",

@@ -76,7 +76,19 @@ Forward = Callable[[nn.Module, Any], tuple[Tensor, Any]]
 
 def default_forward(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
     """``model(inputs), targets`` for an ``(inputs, targets)`` pair."""
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+    if isinstance(batch, Tensor):
+        raise FisherError(
+            f"a batch is one tensor of shape {list(batch.shape)}, not an (inputs, targets) "
+            "pair: batches must yield pairs. To pass a single pair (x, y), wrap it in a list: "
+            "[(x, y)]; a tensor dataset goes in DataLoader(TensorDataset(x, y), batch_size=...)."
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) != 2:
+        raise FisherError(
+            f"a batch of {len(batch)} items is not an (inputs, targets) pair; pass "
+            "forward=lambda model, batch: (model(batch[0]), batch[1]) (or similar) to say "
+            "which items are the inputs and which the targets."
+        )
+    if not isinstance(batch, (tuple, list)):
         raise FisherError(
             f"a batch of type {type(batch).__name__} is not an (inputs, targets) pair; pass "
             "forward=lambda model, batch: (model(batch['x']), batch['y']) (or similar) to say "
@@ -104,12 +116,18 @@ class ForwardModule(nn.Module):
 def call_forward(forward: Forward, model: nn.Module, batch: Any) -> tuple[Tensor, Any, int]:
     """``forward(model, batch)`` checked: returns ``(output, target, n_samples)``."""
     result = forward(model, batch)
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Tensor)):
+    if not (isinstance(result, tuple) and len(result) == 2):
         raise FisherError(
-            f"forward(model, batch) must return an (output, target) pair with a tensor output; "
-            f"got {type(result).__name__}. Return e.g. (model(x), y)."
+            f"forward(model, batch) must return an (output, target) pair; got "
+            f"{type(result).__name__}. Return e.g. (model(x), y)."
         )
     output, target = result
+    if not isinstance(output, Tensor):
+        raise FisherError(
+            f"the model's output is a {type(output).__name__}, not a tensor of logits; pass "
+            "forward=lambda model, batch: (model(x).logits, y) (or out['logits'], out[0]: "
+            "whatever holds the logits) to pick it."
+        )
     if bool(output.isnan().any()) or bool(output.isposinf().any()):
         raise FisherError(
             f"the model's output holds {int(output.isnan().sum())} NaN and "
@@ -120,6 +138,7 @@ def call_forward(forward: Forward, model: nn.Module, batch: Any) -> tuple[Tensor
         raise FisherError(
             f"the output (shape {list(output.shape)}) and the target "
             f"(shape {list(getattr(target, 'shape', []))}) must hold the same number of samples "
-            "along dim 0. Return batch-first tensors from forward."
+            "along dim 0. Return batch-first tensors from forward; a Dataset yields single "
+            "samples, so wrap it in DataLoader(dataset, batch_size=...)."
         )
     return output, target, int(output.shape[0])

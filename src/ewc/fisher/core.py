@@ -82,9 +82,11 @@ def fisher_diagonal(
             the batch size sets the speed / memory trade-off (1024 is a good start for MNIST).
         kind: ``"exact"``, ``"sampled"``, ``"predicted"``, ``"empirical"`` or ``"batched"``
             (see above).
-        likelihood: ``"categorical"`` (softmax over logits ``[N, C]``; int64 targets; ``-inf``
-            logits mean probability 0), ``"gaussian"`` (unit variance; float targets shaped like
-            the output), a :class:`~ewc.fisher.GaussianLikelihood` or any object implementing
+        likelihood: ``"categorical"`` (softmax over logits ``[N, C]``, C >= 2; int64 targets;
+            ``-inf`` logits mean probability 0), ``"bernoulli"`` (sigmoid of each logit: one
+            output unit for binary, ``[N, K]`` for multi-label; 0/1 targets shaped like the
+            output), ``"gaussian"`` (unit variance; float targets shaped like the output), a
+            :class:`~ewc.fisher.GaussianLikelihood` or any object implementing
             :class:`~ewc.fisher.Likelihood`.
         n_samples: use only the first ``n_samples`` samples (the last batch is cut; iteration
             stops there). ``None``: all.
@@ -171,7 +173,7 @@ def sample_mean(
         _check_samples_independent(request.model)
     sums = {name: torch.zeros_like(p, dtype=sum_dtype(p)) for name, p in request.params.items()}
     total = 0
-    feed = Feed(batches, next(iter(request.params.values())).device)
+    feed = Feed(batches, next(iter(request.params.values())))
     with eval_mode(request.model):
         parts = _per_batch(request, iter(feed), method)
         with torch.enable_grad(), closing(parts), feed.naming_errors():
@@ -199,23 +201,41 @@ def sample_mean(
 
 
 class Feed:
-    """``batches`` moved to ``device``, skipping empty ones and refusing NaN/+Inf in their
-    float tensors (-Inf may be a mask); ``index``: the last one yielded."""
+    """``batches`` moved to the device of ``param``, skipping empty ones and refusing NaN/+Inf
+    in their float tensors (-Inf may be a mask); ``index``: the last one yielded."""
 
-    def __init__(self, batches: Iterable[Any], device: torch.device) -> None:
-        self.batches, self.device, self.index = batches, device, -1
+    def __init__(self, batches: Iterable[Any], param: Tensor) -> None:
+        self.batches, self.device, self.dtype = batches, param.device, param.dtype
+        self.index, self.batch = -1, None
 
     @contextmanager
     def naming_errors(self) -> Iterator[None]:
-        """Prefix a :class:`FisherError` raised inside with the index of the current batch."""
+        """Prefix a :class:`FisherError` raised inside with the index of the current batch; a
+        model's RuntimeError on a batch whose float tensors have another dtype than the
+        parameters becomes a :class:`FisherError` saying so."""
         try:
             yield
         except FisherError as e:
             raise type(e)(f"batch {self.index}: {e}") from e
+        except RuntimeError as e:
+            floats = {
+                str(leaf.dtype).removeprefix("torch.")
+                for leaf in tree_leaves(self.batch)
+                if isinstance(leaf, Tensor) and leaf.is_floating_point()
+            } - {str(self.dtype).removeprefix("torch.")}
+            if isinstance(e, torch.OutOfMemoryError) or not floats:
+                raise
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise FisherError(
+                f"batch {self.index}: the model failed ({str(e).strip().splitlines()[0]}); the "
+                f"batch holds {', '.join(sorted(floats))} tensors and the model's parameters "
+                f"are {dtype}. Cast the batches (x.to(torch.{dtype})) or compute under "
+                "torch.autocast."
+            ) from e
 
     def __iter__(self) -> Iterator[Any]:
         for index, batch in enumerate(self.batches):
-            self.index = index
+            self.index, self.batch = index, batch
             if batch_size(batch) == 0:
                 continue
             for leaf in tree_leaves(batch):
@@ -319,6 +339,7 @@ def _per_batch(
                 except RuntimeError as e:
                     if method == "func" or isinstance(e, torch.OutOfMemoryError):
                         raise
+                    result = loop_batch(request, batch)  # raises the model's own errors
                     _warn_loop(request.model, e)
                     use_loop = True
             if result is None:

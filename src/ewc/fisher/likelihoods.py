@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import FisherError
@@ -187,7 +188,7 @@ class GaussianLikelihood:
             )
         z = (target.to(output.dtype) - output) / self.sigma
         const = math.log(self.sigma) + 0.5 * math.log(2 * math.pi)
-        return -(0.5 * z.square() + const).flatten(1).sum(1)
+        return -(0.5 * z.square() + const).reshape(len(output), -1).sum(1)
 
     def sample(self, output: Tensor, generator: torch.Generator) -> Tensor:
         """``output + sigma * eps`` with standard normal ``eps`` drawn from ``generator``."""
@@ -198,10 +199,60 @@ class GaussianLikelihood:
 
     def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
         """Yield :math:`e_k / \\sigma` for every output entry ``k``."""
-        flat = output.detach().flatten(1)
+        flat = output.detach().reshape(len(output), -1)
         for k in range(flat.shape[1]):
             v = torch.zeros_like(flat)
             v[:, k] = 1.0 / self.sigma
+            yield v.view_as(output)
+
+
+class BernoulliLikelihood:
+    r"""Independent Bernoulli labels on logits: a binary classifier with one output unit
+    (``[N]`` or ``[N, 1]``, trained with ``BCEWithLogitsLoss``) or a multi-label one
+    (``[N, K]``, any shape ``[N, ...]``); targets are 0/1 (float, int or bool) shaped like the
+    output.
+
+    :math:`\log p(y \mid x) = \sum_k \left[y_k z_k - \operatorname{softplus}(z_k)\right]`
+    over the output entries of a sample, with :math:`p_k = \sigma(z_k)`. The output-space
+    Fisher is :math:`\operatorname{diag}(p_k(1 - p_k))`, so the exact kind yields
+    :math:`\sqrt{p_k(1-p_k)}\,e_k`: one backward pass per output entry.
+    """
+
+    def __repr__(self) -> str:
+        return "BernoulliLikelihood()"
+
+    def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-sample Bernoulli log-likelihood summed over the output entries, shape ``[N]``."""
+        if tuple(target.shape) != tuple(output.shape) or not bool(
+            ((target == 0) | (target == 1)).all()
+        ):
+            raise FisherError(
+                f"bernoulli targets must be 0/1 labels shaped like the logits "
+                f"{list(output.shape)}; got shape {list(target.shape)}. Reshape them (e.g. "
+                "y.float().unsqueeze(1) for one output unit); for class ids over several "
+                "output units use likelihood='categorical'."
+            )
+        y = target.to(output.dtype)
+        return (y * output - F.softplus(output)).reshape(len(output), -1).sum(1)
+
+    def sample(self, output: Tensor, generator: torch.Generator) -> Tensor:
+        """0/1 labels drawn from ``sigmoid(output)`` with ``generator`` (float32 uniforms, so a
+        seed draws the same labels for a float32 and a float64 model)."""
+        p = torch.sigmoid(output.detach().float())
+        u = torch.rand(p.shape, generator=generator, device=p.device)
+        return (u < p).to(output.dtype)
+
+    def predict(self, output: Tensor) -> Tensor:
+        """The more probable label of each entry: 1 where the logit is positive."""
+        return (output.detach() > 0).to(output.dtype)
+
+    def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
+        r"""Yield :math:`\sqrt{p_k(1-p_k)}\,e_k` for every output entry ``k``."""
+        p = torch.sigmoid(output.detach()).reshape(len(output), -1)
+        scale = (p * (1 - p)).sqrt()
+        for k in range(p.shape[1]):
+            v = torch.zeros_like(p)
+            v[:, k] = scale[:, k]
             yield v.view_as(output)
 
 
@@ -210,6 +261,7 @@ MAX_EXACT_PASSES = 10_000
 
 LIKELIHOODS: dict[str, Callable[[], Likelihood]] = {
     "categorical": CategoricalLikelihood,
+    "bernoulli": BernoulliLikelihood,
     "gaussian": GaussianLikelihood,
 }
 
@@ -223,7 +275,8 @@ _NEEDS = {
 
 
 def resolve_likelihood(likelihood: str | Likelihood, kind: str) -> Likelihood:
-    """Turn ``"categorical"`` / ``"gaussian"`` / a user object into a :class:`Likelihood`.
+    """Turn ``"categorical"`` / ``"bernoulli"`` / ``"gaussian"`` / a user object into a
+    :class:`Likelihood`.
 
     Raises :class:`FisherError` for an unknown name or a likelihood without the method ``kind``
     needs (a Gaussian has no ``predict``: its predicted target, the mean, has zero gradient).
@@ -347,4 +400,11 @@ def _check_logits(output: Tensor) -> None:
             f"with one class distribution per position); got dtype {output.dtype} and shape "
             f"{list(output.shape)}. Return logits from forward=, or pass a likelihood object "
             "for other outputs."
+        )
+    if output.shape[-1] == 1:
+        raise FisherError(
+            f"the categorical likelihood got logits of shape {list(output.shape)}: one class, "
+            "whose softmax is 1 whatever the weights, so its Fisher would be 0 and EWC would "
+            "hold nothing. For a binary classifier with one logit (BCEWithLogitsLoss) pass "
+            "likelihood='bernoulli'; for regression likelihood='gaussian'."
         )

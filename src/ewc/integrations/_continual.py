@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ewc.fisher.batching import Forward
+from ewc.fisher._util import eval_mode
+from ewc.fisher.batching import Forward, call_forward, default_forward, to_device
+from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likelihood
 from ewc.regularizers import REGULARIZERS, Regularizer, make_regularizer
 
 
@@ -79,6 +82,44 @@ class Continual:
         if self.regularizer is not None:
             self.regularizer.after_step()
 
+    def check(self, model: nn.Module, data: Any, like: DataLoader | None) -> None:
+        """Feed one batch of what :meth:`consolidate` will read through ``forward`` and the
+        likelihood now, when training starts, so that a wrong ``forward``, batch format or
+        likelihood fails before the task trains rather than after. The batch comes from
+        ``data`` or, for the trainer's own loader, from an unshuffled copy of it: the training
+        loader and the global RNG are left as they were. Raises ``ValueError`` naming the
+        problem."""
+        reg = self.bind(model)
+        if not REGULARIZERS[self.strategy].uses_data:
+            return
+        if data is None:
+            if not isinstance(like, DataLoader):
+                return  # no loader to copy (none, or several): consolidate() checks it
+            size = like.batch_size or getattr(like.batch_sampler, "batch_size", None) or 8
+            data = DataLoader(like.dataset, batch_size=size, collate_fn=like.collate_fn)
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(as_batches(data, like)), None)
+        if batch is None:
+            return  # consolidate() names an empty dataset
+        forward = getattr(reg, "forward", None) or default_forward
+        device = next(p.device for p in model.parameters())
+        try:
+            with torch.no_grad(), eval_mode(model):
+                output, target, _ = call_forward(forward, model, to_device(batch, device))
+                likelihood = getattr(reg, "likelihood", None)
+                if likelihood is not None:
+                    kind = getattr(reg, "fisher", "empirical")
+                    got = resolve_likelihood(likelihood, kind)
+                    next(output_grads(got, kind, output, target, SeededGenerator(0)), None)
+        except Exception as e:
+            raise ValueError(
+                f"{self.strategy} cannot consolidate from this task's data: its first batch "
+                f"({_describe(batch)}) failed before training started: "
+                f"{str(e).rstrip('.')}. Check `forward` "
+                "and `data` (a list counts as batches; a dataset of samples goes in as a "
+                "Dataset or DataLoader)."
+            ) from e
+
     def consolidate(self, model: nn.Module, data: Any, like: DataLoader | None) -> None:
         """Importance and anchor of the task just learned, from ``data``: an iterable of batches
         (a ``DataLoader``, a list of batches) or a map-style ``Dataset``, batched like ``like``
@@ -111,3 +152,17 @@ def _is_map_dataset(data: Any) -> bool:
     if isinstance(data, (DataLoader, list, tuple)):
         return False
     return isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__"))
+
+
+def _describe(batch: Any) -> str:
+    """A short description of a batch: its type and its tensors' shapes."""
+    if isinstance(batch, dict):
+        parts = [
+            f"{k}: {list(v.shape) if hasattr(v, 'shape') else type(v).__name__}"
+            for k, v in batch.items()
+        ]
+        return "dict " + "{" + ", ".join(parts) + "}"
+    if isinstance(batch, (tuple, list)):
+        shapes = [list(v.shape) if hasattr(v, "shape") else type(v).__name__ for v in batch]
+        return f"{type(batch).__name__} of {shapes}"
+    return type(batch).__name__

@@ -70,17 +70,20 @@ __all__ = ["STATE_FILE", "EWCCallback", "logits_and_labels", "next_token_logits_
 def logits_and_labels(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
     """The default ``forward`` for Hugging Face batches: ``model(**inputs).logits`` and
     ``batch["labels"]``, where ``inputs`` is the batch without ``labels`` (so the model computes
-    no loss). Fits sequence classification (logits ``[N, C]``, labels ``[N]``) and token
-    classification (``[N, T, C]``, ``[N, T]``, ``-100`` where a token has no label); for a causal
-    language model use :func:`next_token_logits_and_labels`, for other heads your own
-    ``forward``."""
+    no loss; with ``return_dict=False``, the first item of the output tuple). Fits sequence
+    classification (logits ``[N, C]``, labels ``[N]``) and token classification
+    (``[N, T, C]``, ``[N, T]``, ``-100`` where a token has no label); for a causal language
+    model use :func:`next_token_logits_and_labels`, for other heads your own ``forward``."""
     if not (isinstance(batch, dict) and "labels" in batch):
         raise FisherError(
             f"a batch of type {type(batch).__name__} has no 'labels' entry; pass "
             "EWCCallback(forward=lambda model, batch: (output, target)) to say how to feed it."
         )
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits, batch["labels"]
+    out = model(**inputs)
+    if hasattr(out, "logits"):
+        return out.logits, batch["labels"]
+    return (out[0] if isinstance(out, (tuple, list)) else out), batch["labels"]
 
 
 def next_token_logits_and_labels(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
@@ -127,6 +130,7 @@ class EWCCallback(TrainerCallback):
         self.data = data
         self._pending: Mapping[str, Any] | None = None
         self._precision: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._start_step = 0  # the global step this train() started at
 
     @property
     def regularizer(self) -> Regularizer | None:
@@ -149,6 +153,15 @@ class EWCCallback(TrainerCallback):
             saved = _checkpoint_folder(args, state) / STATE_FILE
             if saved.is_file():
                 self._pending = torch.load(saved, map_location="cpu", weights_only=True)
+                done, have = self._pending.get("n_tasks", 0), getattr(regularizer, "n_tasks", 0)
+                if done < have:
+                    warnings.warn(
+                        f"the checkpoint training resumes from ({saved.parent}) holds {done} "
+                        f"consolidated task(s) but this callback has {have}: it was written "
+                        "during an earlier task, so that task's weights and penalty replace "
+                        "this one's. Give each task its own output_dir.",
+                        stacklevel=2,
+                    )
             else:
                 warnings.warn(
                     f"training resumes at step {state.global_step} but {saved} does not exist, "
@@ -161,6 +174,9 @@ class EWCCallback(TrainerCallback):
         if self._pending is not None:
             regularizer.load_state_dict(self._pending)
             self._pending = None
+        self._start_step = state.global_step if state is not None else 0
+        with _plain_forward(kwargs["model"]):
+            self._continual.check(kwargs["model"], self.data, kwargs.get("train_dataloader"))
 
     def _check_precision(self, model: nn.Module, args: Any) -> None:
         """Warn when a later task's ``Trainer`` asks for another mixed precision than the one that
@@ -194,6 +210,15 @@ class EWCCallback(TrainerCallback):
             self._continual.after_step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state is not None and state.global_step == self._start_step:
+            warnings.warn(
+                f"this train() ran no optimizer step (it started at step {state.global_step}, "
+                "e.g. resumed from a checkpoint whose training had finished), so the callback "
+                "consolidates this task's data at weights that did not learn it. "
+                "resume_from_checkpoint=True takes the newest checkpoint in output_dir, which "
+                "is the previous task's when tasks share one: give each task its own output_dir.",
+                stacklevel=2,
+            )
         model, loader = kwargs["model"], kwargs.get("train_dataloader")
         data = self.data if self.data is not None else loader
         with _plain_forward(model):

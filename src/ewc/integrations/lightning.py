@@ -11,7 +11,9 @@ Usage, one callback for the whole sequence of tasks::
 Per ``fit``, one task:
 
 * ``on_train_start``: the regularizer is bound to the ``LightningModule`` (built at the first
-  task on its parameters with ``requires_grad``: with a PEFT model inside, the adapter).
+  task on its parameters with ``requires_grad``: with a PEFT model inside, the adapter), and one
+  batch of what ``on_train_end`` will read goes through ``forward`` and the likelihood, so a
+  wrong ``forward`` or batch format fails now, not after the task has trained.
 * ``on_before_optimizer_step``: ``p.grad += λF̄(θ − θ̄)``, once per optimizer step. Lightning
   (2.6) fires it after the last micro-batch of ``accumulate_grad_batches`` (each micro-batch's
   loss already divided by the window), after the AMP GradScaler unscaled the gradients
@@ -92,6 +94,7 @@ class EWCCallback(Callback):
         if self._pending is not None:
             regularizer.load_state_dict(self._pending)
             self._pending = None
+        self.continual.check(pl_module, self.data, trainer.train_dataloader)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         scaler = _enabled_scaler(trainer)
