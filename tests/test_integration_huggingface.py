@@ -11,6 +11,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -372,6 +373,14 @@ def test_data_the_callback_cannot_consolidate_from_fails_before_training() -> No
         trainer.train()
     for name, value in trained_parameters(model).items():
         assert torch.equal(value, before[name])
+
+
+@pytest.mark.parametrize("setting", ["deepspeed", "fsdp"])
+def test_sharded_training_is_refused_when_train_starts(setting: str) -> None:
+    """DeepSpeed and FSDP shard the parameters the penalty needs whole: named, with the fix."""
+    sharded = SimpleNamespace(**{"deepspeed": None, "fsdp": None, setting: "on"})
+    with pytest.raises(ValueError, match=rf"does not support {setting}.*DDP"):
+        EWCCallback(lam=LAM).on_train_begin(sharded, None, None, model=build(False))
 
 
 @pytest.mark.parametrize("second", [{}, {"bf16": True}], ids=["same", "bf16-after-fp32"])

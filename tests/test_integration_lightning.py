@@ -356,6 +356,14 @@ def test_the_check_before_training_leaves_the_training_order_as_it_was() -> None
             assert torch.equal(value, end[name])
 
 
+def test_a_sharding_strategy_is_refused_when_fit_starts() -> None:
+    """FSDP / DeepSpeed shard the parameters the penalty needs whole: named, with the fix."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy.*strategy=\"ddp\""):
+        EWCCallback(lam=LAM).on_train_start(SimpleNamespace(strategy=FSDPStrategy()), Net())
+
+
 def test_bad_arguments_fail_when_the_callback_is_built() -> None:
     with pytest.raises(ValueError, match="lam"):
         EWCCallback(lam=-1.0)

@@ -147,6 +147,13 @@ class EWCCallback(TrainerCallback):
         self._pending = state_dict or None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        sharded = [name for name in ("deepspeed", "fsdp") if getattr(args, name, None)]
+        if sharded:
+            raise ValueError(
+                f"EWCCallback does not support {sharded[0]}: it shards the parameters, and the "
+                "penalty needs every parameter whole on each process. Train with DDP "
+                f"(torchrun, no {sharded[0]} in TrainingArguments) or on one device."
+            )
         self._check_precision(kwargs["model"], args)
         regularizer = self._continual.bind(kwargs["model"])
         if state is not None and state.global_step > 0:  # resumed from a checkpoint

@@ -90,6 +90,14 @@ class EWCCallback(Callback):
         return self.continual.regularizer
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        kinds = {c.__name__ for c in type(getattr(trainer, "strategy", None)).__mro__}
+        sharded = kinds & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
+        if sharded:
+            raise ValueError(
+                f"EWCCallback does not support {sharded.pop()}: it shards the parameters, and "
+                "the penalty needs every parameter whole on each process. Use "
+                'strategy="ddp" or a single device.'
+            )
         regularizer = self.continual.bind(pl_module)
         if self._pending is not None:
             regularizer.load_state_dict(self._pending)
