@@ -37,14 +37,20 @@ def padded(stream: TaskStream, width: int = WIDTH) -> TaskStream:
     return dataclasses.replace(stream, tasks=tasks, input_shape=(width,))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the Permuted MNIST diagnostic scripts (this one and
+    ``permuted_mnist_reference.py``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="results JSON to write")
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=5000)
     parser.add_argument("--data-dir", default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(1)
     stream = ewc.make_stream(
         "permuted-mnist", "domain", args.tasks, data_dir=args.data_dir, seed=args.seed

@@ -24,15 +24,14 @@ over all tasks after the last one: the number the paper reports.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from permuted_mnist_padded import arguments  # the scripts' shared options (same folder)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -106,12 +105,7 @@ def train_naive(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="results JSON to write")
-    parser.add_argument("--tasks", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=5000)
-    parser.add_argument("--data-dir", default=None)
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
