@@ -111,6 +111,8 @@ class Continual:
                     kind = getattr(reg, "fisher", "empirical")
                     got = resolve_likelihood(likelihood, kind)
                     next(output_grads(got, kind, output, target, SeededGenerator(0)), None)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:
             raise ValueError(
                 f"{self.strategy} cannot consolidate from this task's data: its first batch "
