@@ -1,12 +1,14 @@
-"""Permuted MNIST with van de Ven's 32×32 input: does the padding explain the naive gap?
+"""Permuted MNIST (28×28) with 240 zero features appended AFTER the permutation: the control
+for the first layer's fan-in.
 
     python scripts/permuted_mnist_padded.py --seed 0 --out runs/permuted-vdv/pad-naive-s0.json
 
-van de Ven & Tolias (2019) pad MNIST to 32×32 before permuting, so their MLP has 1024 inputs of
-which 240 are always 0. For an MLP with i.i.d. initialisation that differs from our 784 inputs
-only in the first layer's fan-in (PyTorch's init bound 1/√1024 instead of 1/√784): this runs the
-domain-incremental protocol of ``configs/permuted-mnist-vandeven.yaml`` with naive fine-tuning on
-the same stream with 240 zero features appended (docs/results.md, Permuted MNIST).
+van de Ven & Tolias (2019) pad MNIST to 32×32 *before* permuting (``permuted-mnist-32``), so
+their MLP has 1024 inputs and each task's digit pixels land on a random subset of all 1024.
+This script keeps our 784-pixel permutations and only appends 240 inputs that are always 0: the
+same fan-in (PyTorch's init bound 1/√1024 instead of 1/√784), none of the scattering. Naive
+fine-tuning on the domain-incremental protocol of ``configs/permuted-mnist-vandeven.yaml`` forgets
+as much as unpadded (docs/results.md, Permuted MNIST): the fan-in is not what matters.
 tests/test_permuted_padded.py checks the padding on a small stream.
 """
 

@@ -2,10 +2,11 @@
 
     python scripts/permuted_mnist_reference.py --seed 0 --out runs/permuted-vdv/reference-s0.json
 
-Our runner's naive row (domain scenario, ``configs/permuted-mnist-vandeven.yaml``) is about
-3 points below the paper's 78.51. This script uses none of ``ewc``'s training code (only its
-MNIST reader): it follows the authors' published code (GitHub ``GMvandeVen/continual-learning``,
-2019) step by step, so that its number tells whether the gap is in ``ewc`` or in the protocol:
+Our runner's naive row on 28×28 Permuted MNIST (``--benchmark permuted-mnist``) was 3 points
+below the paper's 78.51. This script uses none of ``ewc``'s training code (only its MNIST
+reader): it follows the authors' published code (GitHub ``GMvandeVen/continual-learning``, 2019)
+step by step, so that its number tells whether the gap is in ``ewc`` or in the protocol (it was
+the protocol: the padding before the permutation, now ``permuted-mnist-32``; docs/results.md):
 
 - MNIST padded to 32×32 (``transforms.Pad(2)``), values in [0, 1], flattened, then a fixed
   permutation of the 1024 pixels per task from ``np.random.permutation`` after

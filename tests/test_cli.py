@@ -174,4 +174,9 @@ def test_published_protocol_configs_are_valid(path):
     from ewc.training import RunConfig, resolve_config
 
     cfg = resolve_config(RunConfig.from_dict(read_config_file(path)))
-    assert cfg.benchmark in ("fashion-mnist-to-mnist", "split-mnist", "permuted-mnist")
+    assert cfg.benchmark in (
+        "fashion-mnist-to-mnist",
+        "split-mnist",
+        "permuted-mnist",
+        "permuted-mnist-32",
+    )

@@ -18,6 +18,7 @@ from ewc.data import (
     sources,
     stream_from_tensors,
 )
+from ewc.data.streams import _build_permuted
 
 OFFLINE = ["split-digits", "permuted-digits", "rotated-digits"]
 
@@ -91,6 +92,27 @@ def test_permutations():
         assert sorted(map(tuple, x.T.tolist())) == sorted(map(tuple, base.T.tolist()))
 
 
+def test_padding_before_permuting_scatters_the_digit_over_the_larger_image():
+    """``pad``: every image gets a zero border first (task 1: the digit at the centre), then
+    each later task permutes all the padded pixels, so a task's nonzero pixels land anywhere in
+    the larger image, and two tasks share fewer input positions than without the padding."""
+    base = load_dataset("digits", "train").x
+    tasks = _build_permuted("digits", 3, 0, None, False, pad=2)
+    first = tasks[0].train.x
+    assert first.shape == (len(base), 1, 12, 12)
+    assert torch.equal(first[:, :, 2:10, 2:10], base) and int(first.sum()) == int(base.sum())
+    for task in tasks[1:]:
+        x = task.train.x.flatten(1)
+        assert sorted(map(tuple, x.T.tolist())) == sorted(map(tuple, first.flatten(1).T.tolist()))
+        assert bool((x[:, :12] > 0).any())  # some digit pixels moved into the old top border
+
+    def shared(raw: list) -> int:
+        on = [(t.train.x.flatten(1) > 0).any(0) for t in raw[1:]]
+        return int((on[0] & on[1]).sum())
+
+    assert shared(tasks) < shared(_build_permuted("digits", 3, 0, None, False))
+
+
 def test_seed_reproducibility():
     a = make_stream("permuted-digits", n_tasks=3, seed=5, val_fraction=0.2)
     b = make_stream("permuted-digits", n_tasks=3, seed=5, val_fraction=0.2)
@@ -150,7 +172,8 @@ def test_make_stream_errors(kwargs, match):
 
 
 def test_registry_lists_every_benchmark():
-    expected = {"fashion-mnist-to-mnist", "permuted-mnist", "rotated-mnist", "split-mnist"}
+    expected = {"fashion-mnist-to-mnist", "permuted-mnist", "permuted-mnist-32", "rotated-mnist"}
+    expected |= {"split-mnist"}
     expected |= {"split-fashion-mnist", *OFFLINE}
     assert expected <= set(BENCHMARKS)
     assert all(b.description for b in BENCHMARKS.values())

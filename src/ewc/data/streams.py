@@ -146,6 +146,11 @@ def _permute(pair: TensorPair, perm: torch.Tensor) -> TensorPair:
     return TensorPair(pair.x.flatten(1)[:, perm].reshape(pair.x.shape), pair.y)
 
 
+def _pad(pair: TensorPair, pad: int) -> TensorPair:
+    """Images ``[N, C, H, W]`` with a border of ``pad`` zero pixels on every side."""
+    return pair if pad == 0 else TensorPair(F.pad(pair.x, (pad,) * 4), pair.y)
+
+
 def _rotate(pair: TensorPair, degrees: float, chunk: int = 8192) -> TensorPair:
     """Rotate uint8 images ``[N, C, H, W]`` counter-clockwise (bilinear, zero fill)."""
     if degrees % 360 == 0:
@@ -178,10 +183,17 @@ def _build_split(
 
 
 def _build_permuted(
-    dataset: str, n_tasks: int, seed: int, data_dir: str | Path | None, download: bool
+    dataset: str,
+    n_tasks: int,
+    seed: int,
+    data_dir: str | Path | None,
+    download: bool,
+    pad: int = 0,
 ) -> list[_RawTask]:
-    """Task 1 is the unpermuted dataset; task t > 1 applies a fixed random pixel permutation."""
-    train, test = _splits(dataset, data_dir, download)
+    """Task 1 is the unpermuted dataset; task t > 1 applies a fixed random pixel permutation.
+    With ``pad``, the images first get a border of ``pad`` zero pixels, so the permutation
+    scatters each digit over the larger image (van de Ven & Tolias 2019 pad MNIST to 32×32)."""
+    train, test = (_pad(pair, pad) for pair in _splits(dataset, data_dir, download))
     n_pixels = math.prod(train.x.shape[1:])
     tasks = [_RawTask("permuted-1", train, test)]
     for t in range(1, n_tasks):
@@ -228,6 +240,12 @@ BENCHMARKS: dict[str, Benchmark] = {
         )
         for data, n in (("mnist", 10), ("digits", 5))
     },
+    "permuted-mnist-32": Benchmark(
+        functools.partial(_build_permuted, "mnist", pad=2),
+        "mnist zero-padded to 32x32, then a fixed random permutation of all 1024 pixels per task "
+        "(task 1 unpermuted): van de Ven & Tolias 2019's input",
+        default_n_tasks=10,
+    ),
     **{
         f"rotated-{data}": Benchmark(
             functools.partial(_build_rotated, data),
