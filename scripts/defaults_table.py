@@ -44,7 +44,8 @@ every built-in benchmark, scenario and regularizer. Generated from the code by
   et al. 2022); the choice is then a small λ that keeps it close to naive.
 - **The others**: MNIST-sized benchmarks are too costly to sweep on this project's 2-core
   machine for every cell, and rotated-digits was not swept for lack of time. ‡: chosen on
-  validation for this cell, see [results.md](results.md); †: not chosen for this cell — the
+  validation for this cell, see [results.md](results.md) (permuted-mnist-32 shares
+  permuted-mnist's values, chosen on its 28×28 inputs); †: not chosen for this cell — the
   benchmark's value for another scenario, or the untuned fallback (the value chosen for
   task-incremental Split MNIST): choose it with `ewc sweep` before relying on it.
 """
