@@ -218,19 +218,19 @@ class Feed:
         except FisherError as e:
             raise type(e)(f"batch {self.index}: {e}") from e
         except RuntimeError as e:
-            floats = {
-                str(leaf.dtype).removeprefix("torch.")
+            others = {
+                leaf.dtype
                 for leaf in tree_leaves(self.batch)
                 if isinstance(leaf, Tensor) and leaf.is_floating_point()
-            } - {str(self.dtype).removeprefix("torch.")}
-            if isinstance(e, torch.OutOfMemoryError) or not floats:
+            } - {self.dtype}
+            if isinstance(e, torch.OutOfMemoryError) or not others:
                 raise
-            dtype = str(self.dtype).removeprefix("torch.")
+            floats = ", ".join(sorted(str(d).removeprefix("torch.") for d in others))
             raise FisherError(
                 f"batch {self.index}: the model failed ({str(e).strip().splitlines()[0]}); the "
-                f"batch holds {', '.join(sorted(floats))} tensors and the model's parameters "
-                f"are {dtype}. Cast the batches (x.to(torch.{dtype})) or compute under "
-                "torch.autocast."
+                f"batch holds {floats} tensors and the model's parameters are "
+                f"{str(self.dtype).removeprefix('torch.')}. Cast the batches (x.to({self.dtype})) "
+                "or compute under torch.autocast."
             ) from e
 
     def __iter__(self) -> Iterator[Any]:

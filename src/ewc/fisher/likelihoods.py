@@ -200,10 +200,7 @@ class GaussianLikelihood:
     def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
         """Yield :math:`e_k / \\sigma` for every output entry ``k``."""
         flat = output.detach().reshape(len(output), -1)
-        for k in range(flat.shape[1]):
-            v = torch.zeros_like(flat)
-            v[:, k] = 1.0 / self.sigma
-            yield v.view_as(output)
+        return _entry_by_entry(torch.full_like(flat, 1.0 / self.sigma), output)
 
 
 class BernoulliLikelihood:
@@ -249,11 +246,16 @@ class BernoulliLikelihood:
     def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
         r"""Yield :math:`\sqrt{p_k(1-p_k)}\,e_k` for every output entry ``k``."""
         p = torch.sigmoid(output.detach()).reshape(len(output), -1)
-        scale = (p * (1 - p)).sqrt()
-        for k in range(p.shape[1]):
-            v = torch.zeros_like(p)
-            v[:, k] = scale[:, k]
-            yield v.view_as(output)
+        return _entry_by_entry((p * (1 - p)).sqrt(), output)
+
+
+def _entry_by_entry(scale: Tensor, output: Tensor) -> Iterator[Tensor]:
+    """For a diagonal output-space Fisher: per output entry ``k``, ``scale[:, k]`` at ``k`` and
+    0 elsewhere, shaped like ``output``; ``scale`` is ``[N, entries]``."""
+    for k in range(scale.shape[1]):
+        v = torch.zeros_like(scale)
+        v[:, k] = scale[:, k]
+        yield v.view_as(output)
 
 
 #: The most backward passes ``kind="exact"`` may take per batch on logits with extra positions.

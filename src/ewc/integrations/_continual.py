@@ -158,13 +158,12 @@ def _is_map_dataset(data: Any) -> bool:
 
 def _describe(batch: Any) -> str:
     """A short description of a batch: its type and its tensors' shapes."""
+
+    def shape(v: Any) -> str:
+        return str(list(v.shape)) if hasattr(v, "shape") else type(v).__name__
+
     if isinstance(batch, dict):
-        parts = [
-            f"{k}: {list(v.shape) if hasattr(v, 'shape') else type(v).__name__}"
-            for k, v in batch.items()
-        ]
-        return "dict " + "{" + ", ".join(parts) + "}"
+        return "dict {" + ", ".join(f"{k}: {shape(v)}" for k, v in batch.items()) + "}"
     if isinstance(batch, (tuple, list)):
-        shapes = [list(v.shape) if hasattr(v, "shape") else type(v).__name__ for v in batch]
-        return f"{type(batch).__name__} of {shapes}"
+        return f"{type(batch).__name__} of [{', '.join(shape(v) for v in batch)}]"
     return type(batch).__name__
