@@ -359,6 +359,9 @@ def test_one_output_unit_is_refused_by_the_categorical_likelihood() -> None:
             fisher_diagonal(model, batches, kind)
     with pytest.raises(FisherError, match=r"0/1 labels shaped like the logits \[4, 1\]"):
         fisher_diagonal(model, batches, "empirical", likelihood=BernoulliLikelihood())
+    twos = [(torch.randn(4, 6), torch.full((4, 1), 2.0))]
+    with pytest.raises(FisherError, match=r"must be 0 or 1; got values from 2 to 2"):
+        fisher_diagonal(model, twos, "empirical", likelihood="bernoulli")
 
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])

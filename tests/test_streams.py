@@ -163,6 +163,7 @@ def test_make_stream_val_fraction():
         (dict(benchmark="split-digits", scenario="multi"), r"Unknown scenario 'multi'.*'task'"),
         (dict(benchmark="split-digits", n_tasks=6), r"n_tasks must be 1\.\.5, got 6"),
         (dict(benchmark="permuted-digits", n_tasks=0), "n_tasks must be >= 1, got 0"),
+        (dict(benchmark="permuted-digits", n_tasks="3"), "n_tasks must be an int, got '3'"),
         (dict(benchmark="split-digits", val_fraction=1.0), r"val_fraction must be in \[0, 1\)"),
     ],
 )

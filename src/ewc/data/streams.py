@@ -386,6 +386,8 @@ def make_stream(
     _check_scenario(scenario, spec.scenarios)
     n_tasks = spec.default_n_tasks if n_tasks is None else n_tasks
     limit = spec.max_n_tasks
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int):
+        raise ValueError(f"{benchmark}: n_tasks must be an int, got {n_tasks!r}.")
     if not (n_tasks >= 1 and (limit is None or n_tasks <= limit)):
         bound = f"1..{limit}" if limit is not None else ">= 1"
         raise ValueError(f"{benchmark}: n_tasks must be {bound}, got {n_tasks}.")

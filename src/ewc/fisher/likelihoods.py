@@ -220,14 +220,18 @@ class BernoulliLikelihood:
 
     def log_prob(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-sample Bernoulli log-likelihood summed over the output entries, shape ``[N]``."""
-        if tuple(target.shape) != tuple(output.shape) or not bool(
-            ((target == 0) | (target == 1)).all()
-        ):
+        if tuple(target.shape) != tuple(output.shape):
             raise FisherError(
                 f"bernoulli targets must be 0/1 labels shaped like the logits "
                 f"{list(output.shape)}; got shape {list(target.shape)}. Reshape them (e.g. "
                 "y.float().unsqueeze(1) for one output unit); for class ids over several "
                 "output units use likelihood='categorical'."
+            )
+        if not bool(((target == 0) | (target == 1)).all()):
+            raise FisherError(
+                f"bernoulli targets must be 0 or 1; got values from {target.min().item():g} to "
+                f"{target.max().item():g}. Map them to 0/1; for class ids use "
+                "likelihood='categorical'."
             )
         y = target.to(output.dtype)
         return (y * output - F.softplus(output)).reshape(len(output), -1).sum(1)
