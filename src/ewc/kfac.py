@@ -60,7 +60,7 @@ from ewc.fisher.errors import FisherError
 from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likelihood
 from ewc.fisher.request import Request
 from ewc.fisher.rules import layer_input
-from ewc.fisher.rules.conv import _padded_2d
+from ewc.fisher.rules.conv import padded_2d
 from ewc.regularizers import (
     Strategy,
     _check_fisher_samples,
@@ -87,7 +87,7 @@ class _Layer:
         """The layer's input as ``[N, L, K]``: positions × (features, 1 for the bias)."""
         m = self.module
         if isinstance(m, nn.Conv2d):
-            patches = F.unfold(_padded_2d(m, x), m.kernel_size, m.dilation, stride=m.stride)
+            patches = F.unfold(padded_2d(m, x), m.kernel_size, m.dilation, stride=m.stride)
             a = patches.transpose(1, 2)
         else:
             a = x.reshape(x.shape[0], -1, x.shape[-1])

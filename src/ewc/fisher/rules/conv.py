@@ -20,8 +20,9 @@ from .._util import chunk_budget, sample_chunks
 from . import layer_input, power_of, register_rule, sum_of_powers, trainable
 
 
-def _padded_2d(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """The input, padded as the layer pads it, as ``[N, C_in, H, W]``."""
+def padded_2d(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """The input, padded as the layer pads it, as ``[N, C_in, H, W]`` (a Conv1d input gets
+    ``H = 1``); shared by the Fisher's conv rule and K-FAC's input factor."""
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
     return x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
@@ -51,7 +52,7 @@ def conv_rule(
         as_2d(v) for v in (module.kernel_size, module.stride, module.dilation)
     )
     height, width = as_2d(tuple(grad_outputs[0].shape[2:]))
-    x = _padded_2d(module, layer_input(args, kwargs))
+    x = padded_2d(module, layer_input(args, kwargs))
     n, c_in = x.shape[:2]
     groups, c_out = module.groups, module.out_channels
     total = x.new_zeros(groups, c_out // groups, c_in // groups, kernel[0] * kernel[1])
