@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ewc.data.streams import stream_from_tensors
 from ewc.models import MLP
-from ewc.training import RunConfig, run
+from ewc.runner import RunConfig, run
 
 N_TRAIN, N_TEST, HIDDEN = 60000, 10000, (1000, 1000)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ewc.results import atomic_write_text
-from ewc.training import RunConfig, run
+from ewc.runner import RunConfig, run
 
 BENCHMARKS = ("split-digits", "permuted-digits")
 SCENARIOS = ("task", "domain", "class")

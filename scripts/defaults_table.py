@@ -3,7 +3,7 @@
     python scripts/defaults_table.py            # rewrite docs/defaults.md
     python scripts/defaults_table.py --check    # exit 1 when docs/defaults.md is out of date
 
-Strengths are read from the code (:func:`ewc.training.resolve_config`: ``BENCHMARK_DEFAULTS``,
+Strengths are read from the code (:func:`ewc.runner.resolve_config`: ``BENCHMARK_DEFAULTS``,
 else ``GENERIC_LAM``); the offline benchmarks' validation sweep from docs/defaults-sweep.json
 (written by scripts/choose_defaults.py). The table therefore cannot disagree with either, and a
 default that differs from the sweep's choice is an error. tests/test_defaults_table.py runs
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ewc.data.streams import BENCHMARKS
-from ewc.training import BENCHMARK_DEFAULTS, REGULARIZED, RunConfig, resolve_config
+from ewc.runner import BENCHMARK_DEFAULTS, REGULARIZED, RunConfig, resolve_config
 
 DOCS = Path(__file__).parents[1] / "docs"
 SWEEP = DOCS / "defaults-sweep.json"

@@ -16,7 +16,7 @@ import torch
 
 from ewc import checkpoint
 from ewc.cli import main
-from ewc.training import RunConfig, run
+from ewc.runner import RunConfig, run
 
 TINY = dict(benchmark="split-digits", hidden=(16,), max_train_samples=60, epochs=2.0)
 
@@ -139,10 +139,12 @@ def test_kill_9_during_compare_then_rerun_gives_the_same_results(tmp_path):
 
 
 def test_sweep_rerun_reads_its_finished_runs(tmp_path, monkeypatch):
-    from ewc.training import sweep
+    from ewc.runner import sweep
 
     config = RunConfig(strategy="ewc", **TINY)
     first = sweep(config, [1.0, 100.0], tmp_path)
-    monkeypatch.setattr("ewc.training.run", lambda *a, **k: pytest.fail("a finished run reran"))
+    monkeypatch.setattr(
+        "ewc.runner.experiments.run", lambda *a, **k: pytest.fail("a finished run reran")
+    )
     again = sweep(config, [1.0, 100.0], tmp_path)
     assert again["points"] == first["points"] and again["chosen"] == first["chosen"]

@@ -171,7 +171,7 @@ def test_demo_falls_back_offline(tmp_path, capsys, monkeypatch):
 )
 def test_published_protocol_configs_are_valid(path):
     from ewc.config import read_config_file
-    from ewc.training import RunConfig, resolve_config
+    from ewc.runner import RunConfig, resolve_config
 
     cfg = resolve_config(RunConfig.from_dict(read_config_file(path)))
     assert cfg.benchmark in (

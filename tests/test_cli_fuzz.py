@@ -92,7 +92,7 @@ def test_any_flags_reach_the_first_run_or_exit_2_with_one_line(tmp_path_factory,
     err = io.StringIO()
     threads = torch.get_num_threads()
     with (
-        mock.patch("ewc.training.run", _first_run),
+        mock.patch("ewc.runner.experiments.run", _first_run),
         contextlib.redirect_stderr(err),
         contextlib.redirect_stdout(io.StringIO()),
     ):

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 
 from ewc.cli import main
-from ewc.training import sweep
+from ewc.runner import sweep
 
 TINY = ["--benchmark", "split-digits", "--hidden", "8", "--max-train-samples", "40", "--quiet"]
 
@@ -74,7 +74,7 @@ def test_bad_settings_and_outputs_stop_before_any_work(
     (tmp_path / "a-file").write_text("")
     (tmp_path / "a-folder.json").mkdir()
     argv = [a.format(file="a-file", folder="a-folder") for a in argv]
-    with mock.patch("ewc.training.run", _never_run):
+    with mock.patch("ewc.runner.experiments.run", _never_run):
         try:
             code = main([*argv[:1], *TINY, *argv[1:]])
         except SystemExit as e:  # argparse's own errors
@@ -85,7 +85,7 @@ def test_bad_settings_and_outputs_stop_before_any_work(
 
 
 def test_sweep_values_that_print_alike_get_their_own_files(tmp_path):
-    from ewc.training import RunConfig
+    from ewc.runner import RunConfig
 
     config = RunConfig(benchmark="split-digits", hidden=(8,), max_train_samples=40, epochs=1.0)
     summary = sweep(config, [1e-4, 1.00000001e-4], tmp_path)
@@ -104,7 +104,7 @@ def test_a_validation_split_that_leaves_no_training_data_is_refused(tmp_path, ca
 
 
 def test_compare_leaves_a_setting_at_its_default_for_strategies_that_do_not_read_it(tmp_path):
-    from ewc.training import RunConfig, compare
+    from ewc.runner import RunConfig, compare
 
     config = RunConfig(
         benchmark="split-digits", hidden=(8,), max_train_samples=40, epochs=1.0, gamma=0.5
@@ -114,7 +114,7 @@ def test_compare_leaves_a_setting_at_its_default_for_strategies_that_do_not_read
 
 
 def test_a_diverged_run_is_an_error_and_a_failed_sweep_point(tmp_path, capsys):
-    from ewc.training import RunConfig
+    from ewc.runner import RunConfig
 
     argv = ["run", *TINY, "--epochs=1", "--strategy=naive", "--optimizer=sgd", "--lr=1e30"]
     assert main([*argv, "--no-report", f"--out={tmp_path / 'r.json'}"]) == 2

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ewc.config import ConfigError, read_config_file
-from ewc.training import RunConfig, resolve_config
+from ewc.runner import RunConfig, resolve_config
 
 
 @pytest.mark.parametrize(

@@ -189,7 +189,7 @@ def test_si_may_load_negative_importance() -> None:
 def test_fused_optimizer_falls_back_where_torch_has_no_fused_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from ewc import training
+    from ewc.runner import task
 
     class OldAdam(torch.optim.Adam):
         def __init__(self, params: object, lr: float, fused: bool | None = None) -> None:
@@ -198,7 +198,7 @@ def test_fused_optimizer_falls_back_where_torch_has_no_fused_kernel(
             super().__init__(params, lr=lr)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch.optim, "Adam", OldAdam)
-    optimizer = training._make_optimizer("adam", 1e-3, mlp())
+    optimizer = task.make_optimizer("adam", 1e-3, mlp())
     assert isinstance(optimizer, OldAdam)
     assert not optimizer.defaults.get("fused")
 

@@ -13,7 +13,7 @@ import pytest
 
 from ewc.plots import frontier_points, plot_frontier, sweep_frontier_points
 from ewc.results import save_results
-from ewc.training import RunConfig, run
+from ewc.runner import RunConfig, run
 
 ROOT = Path(__file__).parents[1]
 

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import ewc
 from ewc.fisher import FisherError
-from ewc.kfac import KFAC
+from ewc.regularizers import KFAC
 
 
 def mlp() -> nn.Module:

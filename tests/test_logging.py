@@ -15,7 +15,7 @@ from ewc._optional import MissingExtraError
 from ewc.cli import main
 from ewc.curves import Curves
 from ewc.logger import CSV_NAME, ScalarLogger
-from ewc.training import RunConfig, run
+from ewc.runner import RunConfig, run
 
 TASKS = ["a", "b"]
 

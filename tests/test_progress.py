@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ewc.progress import Progress
-from ewc.training import RunConfig, run
+from ewc.runner import RunConfig, run
 
 
 def test_a_bar_says_what_it_computes_and_counts_its_own_units(capsys):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ewc.results import save_results
-from ewc.training import RunConfig, run
+from ewc.runner import RunConfig, run
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "make_readme_figure.py"
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import ewc
+import ewc.regularizers
 from ewc.regularizers import REGULARIZERS, Regularizer, make_regularizer
-from ewc.training import GENERIC_LAM, STRATEGIES, STRATEGY_SETTINGS, RunConfig, resolve_config
+from ewc.runner import GENERIC_LAM, STRATEGIES, STRATEGY_SETTINGS, RunConfig, resolve_config
 
 
 def test_the_runner_offers_every_registered_regularizer() -> None:
@@ -53,3 +60,61 @@ def test_bad_options_are_refused_before_any_data_is_loaded() -> None:
     """KFAC has no batched Fisher: refused by resolve_config, from the class's own check."""
     with pytest.raises(ValueError, match="KFAC needs fisher in"):
         resolve_config(RunConfig(benchmark="split-mnist", strategy="kfac", fisher="batched"))
+
+
+TOY = '''"""A toy method: importance 2 everywhere."""
+
+import torch
+
+from ewc.regularizers.base import QuadraticRegularizer
+from ewc.regularizers.registry import Strategy, register
+
+
+class Toy(QuadraticRegularizer):
+    def task_importance(self, batches):
+        return {n: torch.full_like(p, 2.0) for n, p in zip(self._names, self._params)}
+
+
+register(Strategy("toy", Toy, 1.0))
+'''
+
+
+def test_a_new_method_is_one_new_file_and_one_import_line(tmp_path: Path) -> None:
+    """Copy the package, add ``regularizers/toy.py`` and one line to the package's
+    ``__init__``: the runner, the command line and ``make_regularizer`` offer it, and a run
+    trains with it; nothing else was edited."""
+    pytest.importorskip("sklearn")
+    package = tmp_path / "ewc"
+    shutil.copytree(Path(ewc.__file__).parent, package)
+    (package / "regularizers" / "toy.py").write_text(TOY)
+    init = package / "regularizers" / "__init__.py"
+    lines = init.read_text().splitlines(keepends=True)
+    at = lines.index("# isort: on\n")
+    init.write_text("".join([*lines[:at], "from ewc.regularizers.toy import Toy\n", *lines[at:]]))
+    script = (
+        "import ewc, ewc.cli\n"
+        f"assert ewc.__file__.startswith({str(package)!r}), ewc.__file__\n"
+        "from ewc.runner import STRATEGIES, RunConfig, run\n"
+        "assert STRATEGIES[-1] == 'toy', STRATEGIES\n"
+        "r = run(RunConfig(benchmark='split-digits', strategy='toy', n_tasks=2,\n"
+        "                  max_train_samples=40, epochs=1.0))\n"
+        "assert r['config']['lam'] == 1.0 and len(r['importance']) == 1\n"
+        "ewc.cli.main(['run', '--strategy', 'toy', '--help'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "toy" in done.stdout  # the --strategy choices list it
+
+
+def test_every_method_module_is_imported_by_the_package_for_its_names() -> None:
+    """The package's ``__init__`` imports each method module for the classes it exports (no
+    import only for a registration's side effect), and each registered class is exported."""
+    exported = [getattr(ewc.regularizers, name) for name in ewc.regularizers.__all__]
+    for strategy in REGULARIZERS.values():
+        assert strategy.build in exported, strategy.name

@@ -253,7 +253,7 @@ def test_ewc_consolidate_passes_its_options_to_fisher_diagonal(
         seen.update(kwargs)
         return {n: torch.ones_like(p) for n, p in model.named_parameters()}
 
-    monkeypatch.setattr("ewc.regularizers.fisher_diagonal", spy)
+    monkeypatch.setattr("ewc.regularizers.ewc.fisher_diagonal", spy)
 
     def fwd(m: nn.Module, b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return m(b[0]), b[1]

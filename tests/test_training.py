@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ewc.config import ConfigError
 from ewc.data.streams import stream_from_tensors
 from ewc.results import load_results
-from ewc.training import (
-    ConfigError,
+from ewc.runner import (
     RunConfig,
     applicable_settings,
     compare,

@@ -20,12 +20,11 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 from ewc.data import load_dataset, make_stream, stream_from_tensors
 from ewc.fisher import fisher_diagonal
-from ewc.kfac import KFAC
 from ewc.metrics import compute_metrics, summarize
 from ewc.models import MLP, SimpleCNN
-from ewc.regularizers import EWC, L2, MAS, SI, OnlineEWC, Regularizer, make_regularizer
+from ewc.regularizers import EWC, KFAC, L2, MAS, SI, OnlineEWC, Regularizer, make_regularizer
 from ewc.results import load_results, save_results
-from ewc.training import RunConfig, compare, run, sweep
+from ewc.runner import RunConfig, compare, run, sweep
 
 __all__ = [
     "EWC",

@@ -1,7 +1,7 @@
 """The ``ewc`` command line: ``ewc run | compare | sweep | demo | report``.
 
 Every option can also come from a YAML or TOML file (``--config FILE``) whose keys are
-:class:`ewc.training.RunConfig` fields; options given on the command line win. Bad input ends
+:class:`ewc.runner.RunConfig` fields; options given on the command line win. Bad input ends
 with one line naming the problem and the fix, and exit code 2.
 """
 
@@ -18,16 +18,9 @@ from ewc import __version__
 from ewc._optional import MissingExtraError
 from ewc.config import read_config_file
 from ewc.data.sources import DataNotFoundError, find_datasets
+from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.results import atomic_write_text, check_output, load_results
-from ewc.training import (
-    FISHER_KINDS,
-    STRATEGIES,
-    RunConfig,
-    compare,
-    resolve_config,
-    run_and_save,
-    sweep,
-)
+from ewc.runner import STRATEGIES, RunConfig, compare, resolve_config, run_and_save, sweep
 
 DEMO_STRATEGIES = ("naive", "ewc")
 DEMO_BENCHMARK = "fashion-mnist-to-mnist"
@@ -181,7 +174,7 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    """The checked and resolved run settings (:func:`ewc.training.resolve_config`)."""
+    """The checked and resolved run settings (:func:`ewc.runner.resolve_config`)."""
     return resolve_config(RunConfig.from_dict(_run_values(args)))
 
 

@@ -1,7 +1,7 @@
 """Checking run settings, whichever way they arrive (Python, a YAML/TOML file, a flag).
 
 :func:`check_fields` coerces each field of a dataclass to its annotated type, or refuses it, and
-checks it against :data:`RANGES`; :class:`ewc.training.RunConfig` calls it on construction, so a
+checks it against :data:`RANGES`; :class:`ewc.runner.RunConfig` calls it on construction, so a
 bad value is refused before any data is loaded. Coercion is lossless only: ``"1e4"`` or ``10000``
 for a float, ``2.0`` or ``"2"`` for an int, ``"400,400"`` or ``[400, 400]`` for a tuple of ints,
 ``"true"`` for a bool. ``True`` is never a number and ``2.5`` never an int.
@@ -71,7 +71,7 @@ _POSITIVE = Range(0, low_open=True)
 _AT_LEAST_ONE = Range(1, 2**63 - 1)  # the int64 range of torch's sizes
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
-#: Field -> allowed range, for the numeric fields of :class:`ewc.training.RunConfig` (and the
+#: Field -> allowed range, for the numeric fields of :class:`ewc.runner.RunConfig` (and the
 #: entries of ``hidden``). λ is bounded by the largest float32 so that λ·Ω stays representable.
 RANGES: dict[str, Range] = {
     "n_tasks": _AT_LEAST_ONE,

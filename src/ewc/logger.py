@@ -8,7 +8,7 @@
 - TensorBoard event files (``torch.utils.tensorboard``, the ``tensorboard`` extra): view them
   with ``tensorboard --logdir DIR``.
 
-The runner (:func:`ewc.training.run` with ``log_dir``) logs at every curve point:
+The runner (:func:`ewc.runner.run` with ``log_dir``) logs at every curve point:
 ``loss/cross_entropy`` (mean over the optimizer steps since the previous point),
 ``loss/penalty`` (the regularizer's penalty (λ/2)·Σ Ω (θ − θ*)² at the point, strategies with
 one) and ``accuracy/<task name>`` (test accuracy in %, on the curve's samples of each task).

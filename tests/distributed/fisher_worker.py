@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ewc
-from ewc.kfac import KFAC
+from ewc.regularizers import KFAC
 
 
 def main(out: str) -> None:

@@ -61,13 +61,8 @@ from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likeli
 from ewc.fisher.request import Request
 from ewc.fisher.rules import layer_input
 from ewc.fisher.rules.conv import padded_2d
-from ewc.regularizers import (
-    Strategy,
-    _check_fisher_samples,
-    _check_gamma,
-    _check_lam,
-    register,
-)
+from ewc.regularizers.checks import check_fisher_samples, check_gamma, check_lam
+from ewc.regularizers.registry import Strategy, register
 
 KINDS = ("exact", "sampled", "predicted", "empirical")
 
@@ -155,10 +150,10 @@ class KFAC:
     ) -> None:
         if fisher not in KINDS:
             raise ValueError(f"KFAC needs fisher in {list(KINDS)}; got fisher={fisher!r}.")
-        self.gamma = _check_gamma(gamma)
-        self.fisher_samples = _check_fisher_samples(fisher_samples)
+        self.gamma = check_gamma(gamma)
+        self.fisher_samples = check_fisher_samples(fisher_samples)
         self.likelihood = resolve_likelihood(likelihood, fisher)
-        self.lam = _check_lam(lam)
+        self.lam = check_lam(lam)
         self.fisher = fisher
         self.forward, self.seed = forward or default_forward, seed
         self.distributed = check_flag("distributed", distributed)
@@ -421,7 +416,7 @@ class KFAC:
         (a refused state changes nothing)."""
         if not isinstance(state, Mapping) or state.get("type") != "KFAC":
             raise ValueError("not a KFAC state dict (its 'type' must be 'KFAC').")
-        lam = _check_lam(state.get("lam"))  # type: ignore[arg-type]
+        lam = check_lam(state.get("lam"))  # type: ignore[arg-type]
         gamma, n_tasks, weights = state.get("gamma"), state.get("n_tasks"), state.get("weights")
         if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 0:
             raise ValueError(f"state dict 'n_tasks' must be an int >= 0; got {n_tasks!r}.")
@@ -489,13 +484,4 @@ class KFAC:
         )
 
 
-register(
-    Strategy(
-        "kfac",
-        KFAC,
-        1e4,
-        ("fisher", "gamma"),
-        uses_data=True,
-        proximal=False,
-    )
-)
+register(Strategy("kfac", KFAC, 1e4, ("fisher", "gamma"), uses_data=True, proximal=False))

@@ -1,0 +1,100 @@
+"""Argument and state checks shared by the regularizers: each raises ``ValueError`` naming the
+bad value and the fix, before anything changes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MODES = ("separate", "online")
+
+
+def check_lam(lam: float) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"lam must be a finite number >= 0; got lam={lam!r}.")
+    if lam < 0:
+        raise ValueError(
+            f"lam must be >= 0; got lam={lam!r}. The penalty is (lam/2)·Σ Ω (θ-θ*)²: a "
+            "negative lam would reward forgetting."
+        )
+    return float(lam)
+
+
+def check_gamma(gamma: Any) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise ValueError(
+            f"gamma must lie in (0, 1]; got gamma={gamma!r}. It is the online decay "
+            "Ω̄ ← γ·Ω̄ + Ω_t (1 = no forgetting of old importance)."
+        )
+    return float(gamma)
+
+
+def check_fisher_samples(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"fisher_samples must be a positive int or None (all samples); got "
+            f"fisher_samples={value!r}."
+        )
+    return value
+
+
+def check_mode_gamma(mode: str, gamma: float) -> tuple[str, float]:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode={mode!r}; choose one of {', '.join(MODES)}.")
+    check_gamma(gamma)
+    if mode == "separate" and gamma != 1:
+        raise ValueError(
+            f"gamma={gamma!r} only applies with mode='online'; pass mode='online' "
+            "(or use OnlineEWC), or leave gamma at 1."
+        )
+    return mode, float(gamma)
+
+
+def check_positive(name: str, value: Any, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number; got {name}={value!r}. {hint}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0; got {name}={value!r}. {hint}")
+    return float(value)
+
+
+def check_names_shapes(
+    tensors: Mapping[str, Any], params: Mapping[str, Tensor], what: str, partial: bool
+) -> None:
+    unknown = sorted(set(tensors) - set(params))
+    missing = [] if partial else [n for n in params if n not in tensors]
+    wrong = [
+        f"{n}: {tuple(getattr(tensors[n], 'shape', ()))} vs parameter {tuple(p.shape)}"
+        for n, p in params.items()
+        if n in tensors and (not isinstance(tensors[n], Tensor) or tensors[n].shape != p.shape)
+    ]
+    if unknown or missing or wrong:
+        parts = [
+            f"names not among the model's trainable parameters: {unknown}" if unknown else "",
+            f"missing parameters: {missing}" if missing else "",
+            f"shape mismatches: {wrong}" if wrong else "",
+        ]
+        if what.startswith("state dict"):
+            fix = "rebuild the model (and freeze the same parameters) as when the state was saved"
+        else:
+            fix = (
+                "the regularizer holds the parameters that had requires_grad=True when it was "
+                "built: build it after freezing or unfreezing"
+            )
+        raise ValueError(
+            f"{what} does not match the model: " + "; ".join(p for p in parts if p) + ". "
+            f"The regularized parameters are {list(params)}; {fix}."
+        )
+
+
+def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
+    bad = [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(
+            f"{what} has NaN or Inf values in {bad}. Check the model's outputs and the data "
+            "(a diverged model, log(0) in a custom likelihood, or lr too large)."
+        )

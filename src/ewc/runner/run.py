@@ -1,0 +1,349 @@
+"""The run across tasks: :func:`run` prepares the data, model, optimizer and regularizer, then for
+each task trains, consolidates, tests and saves a checkpoint, and returns a results dict
+(schema ewc.results/1). Each phase is one method of :class:`_Run`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import nn
+
+from ewc import __version__, distributed
+from ewc import checkpoint as checkpoints
+from ewc.curves import Curves, penalty_value
+from ewc.data.streams import Task, TaskStream, make_stream
+from ewc.logger import ScalarLogger
+from ewc.metrics import compute_metrics
+from ewc.models import build_model
+from ewc.progress import Progress
+from ewc.regularizers import Regularizer
+from ewc.results import RESULTS_SCHEMA
+from ewc.runner.config import (
+    REGULARIZED,
+    RunConfig,
+    applicable_settings,
+    build_regularizer,
+    resolve_config,
+)
+from ewc.runner.importance import importance_summary
+from ewc.runner.masks import Masks
+from ewc.runner.task import (
+    Batches,
+    TrainStep,
+    batch_indices,
+    check_finite,
+    evaluate,
+    make_optimizer,
+    n_steps,
+    stage_data,
+)
+
+#: The partial results that :func:`run` keeps in its checkpoints.
+_RUN_STATE = ("random_init", "matrix", "importance", "timings", "step", "curves")
+#: Samples per batch when the regularizer reads a task's data at consolidation.
+_CONSOLIDATION_BATCH = 1024
+
+
+def run(
+    config: RunConfig,
+    stream: TaskStream | None = None,
+    model: nn.Module | None = None,
+    progress: bool = False,
+    on_task_end: Callable[[int, list[float]], None] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Train the tasks of a stream in sequence and return a results dict (schema ewc.results/1).
+
+    Args:
+        config: the run's settings; unset fields take the benchmark's protocol.
+        stream: a ready task stream (e.g. from :func:`ewc.data.streams.stream_from_tensors`);
+            built from ``config.benchmark`` when omitted.
+        model: your own ``nn.Module`` mapping a float batch ``[B, *input_shape]`` to logits
+            ``[B, stream.n_outputs]``; built from ``config.model`` when omitted.
+        progress: show progress bars (tqdm), one per phase: each task's training, its Fisher
+            (or other importance), testing (:mod:`ewc.progress`).
+        on_task_end: called as ``on_task_end(task_index, accuracies)`` after each task.
+        log_dir: log the curves (loss, penalty, accuracy) there while training runs: a CSV file
+            and TensorBoard event files (:mod:`ewc.logger`; the ``tensorboard`` extra).
+        checkpoint: a file where the run's state is saved after each task (:mod:`ewc.checkpoint`);
+            a run of the same config resumes from it, and ends as if never interrupted.
+
+    Raises:
+        DivergedError: the weights became NaN or infinite (the step or λ is too large).
+    """
+    cfg = resolve_config(config)
+    settings = applicable_settings(cfg, own_model=model is not None, own_stream=stream is not None)
+    state = _Run(cfg, stream, model, progress, log_dir)
+    first = state.resume(checkpoint)
+    for t in range(first, len(state.tasks)):
+        state.train(t)
+        state.consolidate(t)
+        state.test(t)
+        state.save(t, checkpoint)
+        if on_task_end is not None:
+            on_task_end(t, state.matrix[-1])
+    return state.results(settings)
+
+
+class _Run:
+    """A run in progress: what it trains (data, model, optimizer, regularizer) and what it has
+    measured so far (the accuracy matrix, curves, importance summaries, timings)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        stream: TaskStream | None,
+        model: nn.Module | None,
+        progress: bool,
+        log_dir: str | os.PathLike[str] | None,
+    ) -> None:
+        # Filled by resolve_config; asserted for the type checker.
+        assert cfg.model is not None and cfg.batch_size is not None and cfg.lr is not None
+        self.cfg = cfg
+        self.t_start = time.perf_counter()
+        self.device = device = distributed.setup(torch.device(cfg.device))
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if stream is None:
+            stream = make_stream(
+                cfg.benchmark,
+                scenario=cfg.scenario,
+                n_tasks=cfg.n_tasks,
+                data_dir=cfg.data_dir,
+                seed=cfg.seed,
+                val_fraction=cfg.val_fraction,
+                download=cfg.download,
+            )
+        self.stream = stream
+        self.tasks = [_subsample(t, cfg.max_train_samples, self.generator) for t in stream.tasks]
+        self.train_sets = [_pair_to(t.train, device) for t in self.tasks]
+        self.eval_sets = [
+            _pair_to(t.val if cfg.evaluate_on == "val" else t.test, device) for t in self.tasks
+        ]
+        if model is None:
+            model = build_model(cfg.model, stream.input_shape, stream.n_outputs, cfg.hidden or ())
+        self.model = model
+        model.to(device).train()
+        trained = distributed.wrap(model)  # DDP under torchrun; evaluation and Fisher use `model`
+        self.optimizer = make_optimizer(cfg.optimizer, cfg.lr, model)
+        self.masks = Masks(stream, device)
+        self.reg: Regularizer | None = None
+        if cfg.strategy in REGULARIZED:
+            self.reg = build_regularizer(cfg, model)
+        self.step_fn = TrainStep(trained, self.optimizer, self.reg, cfg.penalty, cfg.lr)
+        main = progress and distributed.is_main_process()
+        self.bars = Progress(main, f"{cfg.strategy} seed {cfg.seed}")
+        self.logger = ScalarLogger(log_dir) if log_dir is not None else None
+        self.curves = Curves(
+            [t.name for t in self.tasks], penalty=self.reg is not None, logger=self.logger
+        )
+        self.timings = {"train_s": 0.0, "fisher_s": 0.0, "eval_s": 0.0}
+        tic = time.perf_counter()
+        self.random_init = self.accuracies(-1)
+        self.timings["eval_s"] += time.perf_counter() - tic
+        self.matrix: list[list[float]] = []
+        self.importance: list[dict[str, Any]] = []
+        self.step = 0
+        joint = cfg.strategy == "joint"
+        self.steps_per_task = [
+            n_steps(cfg, sum(len(p.y) for p in self.train_sets[: t + 1]) if joint else len(s.y))
+            for t, s in enumerate(self.train_sets)
+        ]
+
+    def accuracies(self, stage: int, limit: int | None = None, what: str = "") -> list[float]:
+        """Accuracy on every task's evaluation set after ``stage`` (-1: before training), on
+        its first ``limit`` samples (all by default), with a progress bar titled ``what``."""
+        sets: Iterable[Any] = self.eval_sets
+        if what:
+            sets = self.bars.iterate(self.eval_sets, what, len(self.eval_sets), "task")
+        return [
+            evaluate(self.model, e.x[:limit], e.y[:limit], self.masks.eval(stage, j))
+            for j, e in enumerate(sets)
+        ]
+
+    def _label(self, t: int) -> str:
+        return f"task {t + 1}/{len(self.tasks)}"
+
+    def resume(self, checkpoint: str | os.PathLike[str] | None) -> int:
+        """Restore the run from ``checkpoint`` if it holds this config's state; return the
+        index of the first task left to train (0 without a checkpoint)."""
+        if checkpoint is None:
+            return 0
+        restored = checkpoints.resume(
+            checkpoint, self.cfg.to_dict(), self.model, self.optimizer, self.reg, self.generator
+        )
+        if restored is None:
+            return 0
+        first, saved = restored
+        self.random_init, self.matrix, self.importance, self.timings, self.step = (
+            saved[k] for k in _RUN_STATE[:5]
+        )
+        self.curves.restore(saved["curves"])  # and logged again: the log files hold it all
+        self.t_start -= self.timings.pop("total_s")  # the time the interrupted process(es) took
+        return first
+
+    def train(self, t: int) -> None:
+        """Train task ``t`` (with the tasks before it, for joint training), recording a curve
+        point about every tenth of the task; raise DivergedError if the weights blew up."""
+        cfg, curves, timings = self.cfg, self.curves, self.timings
+        curves.task_boundaries.append(self.step)
+        label = f"{self._label(t)} {self.tasks[t].name} · training"
+        bar = self.bars.bar(label, self.steps_per_task[t], "step")
+        x, y, ids = stage_data(self.train_sets, t, joint=cfg.strategy == "joint")
+        # Joint training in the task scenario mixes tasks in a batch: one mask row per sample.
+        per_sample = cfg.strategy == "joint" and self.stream.scenario == "task"
+        active_row = self.masks.train(t, t)
+        every = cfg.eval_every or max(1, self.steps_per_task[t] // 10)
+        assert cfg.batch_size is not None
+        batches = batch_indices(
+            len(y), cfg.batch_size, self.steps_per_task[t], self.generator, self.device
+        )
+        tic = time.perf_counter()
+        for idx in batches:
+            if self.step % every == 0:
+                timings["train_s"] += time.perf_counter() - tic
+                tic = time.perf_counter()
+                curves.point(
+                    self.step, self.accuracies(t, cfg.curve_samples), penalty_value(self.reg)
+                )
+                timings["eval_s"] += time.perf_counter() - tic
+                tic = time.perf_counter()
+            n_batch, idx = len(idx), distributed.shard(idx)
+            active = self.masks.rows[ids[idx]] if per_sample else active_row
+            curves.add_loss(self.step_fn(x[idx], y[idx], active, n_batch))
+            self.step += 1
+            bar.update()
+        bar.close()
+        timings["train_s"] += time.perf_counter() - tic
+        check_finite(self.model, self.tasks[t].name)
+
+    def consolidate(self, t: int) -> None:
+        """End of task ``t``: the regularizer's importance from the task's training data (a
+        random subset of ``fisher_samples``), and its summary for the report. Nothing after the
+        last task: nothing follows it to protect."""
+        reg, cfg = self.reg, self.cfg
+        if reg is None or t == len(self.tasks) - 1:
+            return
+        tic = time.perf_counter()
+        train = self.train_sets[t]
+        order = torch.randperm(len(train.y), generator=self.generator).to(self.device)
+        if cfg.fisher_samples is not None:
+            order = order[: cfg.fisher_samples]
+        order = distributed.shard(order)  # each rank its part; the Fisher is all-reduced
+        batches = Batches(train.x, train.y, self.masks.train(t, t), _CONSOLIDATION_BATCH, order)
+        what = f"{self._label(t)} · {_importance_name(cfg)} on {len(order)} samples"
+        n_batches = math.ceil(len(order) / _CONSOLIDATION_BATCH)
+        reg.consolidate(self.bars.iterate(batches, what, n_batches, "batch"))
+        self.timings["fisher_s"] += time.perf_counter() - tic
+        summary = importance_summary(reg.importance, self.model, self.stream.input_shape, t)
+        self.importance.append(summary)
+
+    def test(self, t: int) -> None:
+        """After task ``t``: a row of the accuracy matrix (every task's whole evaluation set) and
+        a curve point."""
+        tic = time.perf_counter()
+        what = f"{self._label(t)} · testing on every task"
+        self.matrix.append(self.accuracies(t, what=what))
+        self.curves.point(
+            self.step, self.accuracies(t, self.cfg.curve_samples), penalty_value(self.reg)
+        )
+        self.timings["eval_s"] += time.perf_counter() - tic
+
+    def save(self, t: int, checkpoint: str | os.PathLike[str] | None) -> None:
+        """Write the checkpoint after task ``t`` (none after the last: the results follow)."""
+        if checkpoint is None or t == len(self.tasks) - 1:
+            return
+        self.timings["total_s"] = time.perf_counter() - self.t_start
+        values = (
+            self.random_init,
+            self.matrix,
+            self.importance,
+            self.timings,
+            self.step,
+            self.curves.to_dict(),
+        )
+        partial = dict(zip(_RUN_STATE, values, strict=True))
+        checkpoints.save(
+            checkpoint,
+            self.cfg.to_dict(),
+            t + 1,
+            self.model,
+            self.optimizer,
+            self.reg,
+            self.generator,
+            partial,
+        )
+
+    def results(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The results dict (schema ewc.results/1); closes the log."""
+        if self.logger is not None:
+            self.logger.close()
+        self.timings["total_s"] = time.perf_counter() - self.t_start
+        cfg = self.cfg
+        return {
+            "schema": RESULTS_SCHEMA,
+            "versions": versions(),
+            "hardware": _hardware(self.device),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": cfg.to_dict(),
+            "settings": settings,
+            "strategy": cfg.strategy,
+            "benchmark": self.stream.name,
+            "scenario": self.stream.scenario,
+            "seed": cfg.seed,
+            "task_names": [t.name for t in self.tasks],
+            "accuracy_matrix": self.matrix,
+            "random_init_accuracy": self.random_init,
+            "metrics": compute_metrics(self.matrix, self.random_init),
+            "curves": self.curves.to_dict(),
+            "timings": self.timings,
+            "importance": self.importance,
+        }
+
+
+def _importance_name(cfg: RunConfig) -> str:
+    """What ``consolidate`` computes from the task's data, for its progress bar."""
+    named = {"mas": "MAS importance", "kfac": "K-FAC factors"}
+    return named.get(cfg.strategy, f"{cfg.fisher} Fisher")
+
+
+def versions() -> dict[str, str]:
+    """The versions of ewc, torch and Python, as results files record them."""
+    return {"ewc": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _hardware(device: torch.device) -> dict[str, str]:
+    """Where a run ran, to compare runs across machines: the CPU's architecture and torch's
+    thread count, or the GPU's name and whether TF32 was allowed (PyTorch's default: off for
+    matmuls, on for cuDNN convolutions), which changes results beyond float32 rounding."""
+    if device.type != "cuda":
+        return {
+            "device": f"{device.type} ({platform.machine()})",
+            "threads": str(torch.get_num_threads()),
+        }
+    on_off = {True: "on", False: "off"}
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "tf32": f"matmul {on_off[torch.backends.cuda.matmul.allow_tf32]}, "
+        f"cudnn {on_off[torch.backends.cudnn.allow_tf32]}",
+    }
+
+
+def _subsample(task: Task, n: int | None, generator: torch.Generator) -> Task:
+    if n is None or n >= len(task.train.y):
+        return task
+    keep = torch.randperm(len(task.train.y), generator=generator)[:n]
+    return dataclasses.replace(task, train=task.train.subset(keep))
+
+
+def _pair_to(pair: Any, device: torch.device) -> Any:
+    return type(pair)(pair.x.to(device), pair.y.to(device))
