@@ -251,7 +251,27 @@ def test_lookup_order(toy, tmp_path, monkeypatch):
     assert find_dataset("toy", download=False) == places["cache"]
     for path in places["cache"].iterdir():
         path.unlink()
+    assert find_dataset("toy", download=False) == places["env"]  # remembered from above
+    for path in places["env"].iterdir():
+        path.unlink()
     assert find_dataset("toy", download=False) == places["system"]
+
+
+@pytest.mark.parametrize("how", ["arg", "env"])
+def test_data_found_once_is_found_by_every_later_lookup(toy, tmp_path, monkeypatch, how):
+    """What ``scripts/demo.sh`` found through ``$EWC_DATA_DIR`` (or a command through
+    ``--data-dir``) is found by the next command, which is given neither."""
+    folder = toy.write(tmp_path / "shared" / "data" / "toy")
+    if how == "env":
+        monkeypatch.setenv("EWC_DATA_DIR", str(tmp_path / "shared" / "data"))
+    assert find_datasets(["toy"], tmp_path / "shared" / "data" if how == "arg" else None) == {
+        "toy": folder
+    }
+    monkeypatch.delenv("EWC_DATA_DIR", raising=False)
+    monkeypatch.setattr(sources, "_VERIFIED", {})  # a new process
+    never = FakeOpener(toy, fail=("mirror",))
+    assert find_dataset("toy", opener=never) == folder
+    assert never.calls == []
 
 
 @pytest.mark.parametrize("layout", ["toy", "TOY/raw", "."])
@@ -297,8 +317,10 @@ def test_not_found_message_lists_places_and_fixes(toy, tmp_path, monkeypatch):
         "EWC_DATA_DIR=DIR",
         "download disabled",
         *toy.source.mirrors,
+        "split-digits",
     ):
         assert needed in message
+    assert max(map(len, message.splitlines())) < 200  # lines a person can read
     assert isinstance(info.value, FileNotFoundError)
 
 

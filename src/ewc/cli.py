@@ -365,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, OSError, MissingExtraError, MemoryError, RuntimeError) as e:
         if os.environ.get("EWC_DEBUG") or (isinstance(e, RuntimeError) and not _out_of_memory(e)):
             raise
-        message = _one_line(str(e))
+        # Missing data is no typo: its message lists every place looked, one per line.
+        message = str(e).strip() if isinstance(e, DataNotFoundError) else _one_line(str(e))
         if isinstance(e, MemoryError | RuntimeError):
             message = f"out of memory ({message}); use a smaller model, batch size or task count"
         print(f"ewc {args.command}: error: {message}", file=sys.stderr)

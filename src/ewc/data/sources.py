@@ -5,10 +5,13 @@ Where :func:`find_dataset` looks, in order (the first folder holding all four fi
 1. the ``data_dir`` argument (the CLI's ``--data-dir``),
 2. the ``EWC_DATA_DIR`` environment variable,
 3. the user cache, :func:`cache_dir` ``/<name>`` (where downloads go),
-4. system folders: Debian's ``dataset-fashion-mnist`` package installs
+4. the folder where the files were found before through 1 or 2, remembered in the cache
+   (``cache_dir()/found/<name>``), so that data one command was pointed at (``scripts/demo.sh``
+   points at ``../shared/data``) is where every later command looks,
+5. system folders: Debian's ``dataset-fashion-mnist`` package installs
    ``/usr/share/datasets/fashion-mnist/*.gz`` (layout read from the package's file list,
    version 0.0~git20200523.55506a9-1),
-5. a download from the official mirrors into the user cache (``download=True``).
+6. a download from the official mirrors into the user cache (``download=True``).
 
 A root from 1 or 2 may be the dataset folder itself or a folder holding it as ``<name>/``
 (``mnist/``, ``fashion-mnist/``) or in torchvision's layout (``MNIST/raw/``,
@@ -320,6 +323,8 @@ def _check_folder(folder: Path, source: DatasetSource) -> str | None:
     """
     if not folder.is_dir():
         return "no such folder"
+    if not any(_file_in(folder, f.name) for f in source.files):
+        return "none of the files"
     try:
         files = dataset_files(folder, source.name)
     except DataNotFoundError as exc:
@@ -333,15 +338,47 @@ def _check_folder(folder: Path, source: DatasetSource) -> str | None:
     return None
 
 
+def _found_note(name: str) -> Path:
+    """The file in the cache that remembers where dataset ``name`` was last found."""
+    return cache_dir() / "found" / name
+
+
+def _remember_folder(name: str, folder: Path) -> None:
+    """Remember ``folder`` as where dataset ``name`` lies, for later lookups without it."""
+    note = _found_note(name)
+    try:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        tmp = note.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(str(folder.resolve()) + "\n")
+        os.replace(tmp, note)
+    except OSError:  # a read-only cache only means passing the folder again next time
+        pass
+
+
+def _remembered_folder(name: str) -> Path | None:
+    """The folder remembered by :func:`_remember_folder`, if any."""
+    try:
+        return Path(_found_note(name).read_text().strip())
+    except OSError:
+        return None
+
+
+_GIVEN = ("data_dir / --data-dir", "$EWC_DATA_DIR")
+"""How the folders given by the user are labelled in :func:`_candidates`."""
+
+
 def _candidates(source: DatasetSource, data_dir: str | Path | None) -> list[tuple[Path, str]]:
     """Folders to look in, in order, each with a note on where it came from."""
-    roots = [(data_dir, "data_dir / --data-dir"), (os.environ.get("EWC_DATA_DIR"), "$EWC_DATA_DIR")]
+    roots = zip((data_dir, os.environ.get("EWC_DATA_DIR")), _GIVEN, strict=True)
     out: list[tuple[Path, str]] = []
     for root, how in roots:
         if root:
             base = Path(root).expanduser()
             out += [(base / sub, how) for sub in source.subdirs] + [(base, how)]
     out.append((cache_dir() / source.name, "user cache"))
+    remembered = _remembered_folder(source.name)
+    if remembered is not None:
+        out.append((remembered, f"found there before, remembered in {_found_note(source.name)}"))
     out += [(folder, "system install") for folder in source.system_dirs]
     return out
 
@@ -356,34 +393,17 @@ def find_dataset(
     """Return the folder holding the verified files of dataset ``name``.
 
     Looks where the module docstring says, then downloads into the user cache when
-    ``download``. ``opener`` replaces ``urllib.request.urlopen`` (tests, proxies).
+    ``download``. ``opener`` replaces ``urllib.request.urlopen`` (tests, proxies). A folder
+    found through ``data_dir`` or ``$EWC_DATA_DIR`` is remembered for later lookups.
 
     Raises
     ------
     ValueError : unknown ``name``.
     DataIntegrityError : a file in an explicit folder is corrupt.
     DataNotFoundError : the files are nowhere and the download is off or failed; the message
-        lists every place looked and how to supply the files.
+        lists every place looked, how to supply the files and the offline benchmarks.
     """
-    source = _source(name)
-    looked: list[str] = []
-    for folder, how in _candidates(source, data_dir):
-        try:
-            why_not = _check_folder(folder, source)
-        except DataIntegrityError as exc:
-            if folder != cache_dir() / name or not download:  # only our own cache is repaired
-                raise
-            why_not = f"{exc} (re-downloading)"
-        if why_not is None:
-            return folder
-        looked.append(f"{folder} ({how}): {why_not}")
-    failures = "download disabled (download=False / --no-download)"
-    if download:
-        try:
-            return download_dataset(name, opener=opener)
-        except DataNotFoundError as exc:
-            failures = str(exc)
-    raise DataNotFoundError(_not_found_message(source, looked, failures), missing=(name,))
+    return find_datasets((name,), data_dir, download, opener=opener)[name]
 
 
 def find_datasets(
@@ -401,35 +421,70 @@ def find_datasets(
         places looked, so that all that is missing is known at once; ``missing`` names them.
     """
     found: dict[str, Path] = {}
-    errors: list[DataNotFoundError] = []
+    sections: list[str] = []
     for name in names:
-        try:
-            found[name] = find_dataset(name, data_dir, download, opener=opener)
-        except DataNotFoundError as exc:
-            errors.append(exc)
-    if errors:
-        missing = tuple(m for e in errors for m in e.missing)
-        header = f"Missing data: {' and '.join(missing)} (all listed below)."
-        raise DataNotFoundError("\n".join([header, *map(str, errors)]), missing=missing)
+        where = _lookup(_source(name), data_dir, download, opener)
+        if isinstance(where, Path):
+            found[name] = where
+        else:
+            sections.append(where)
+    missing = tuple(name for name in names if name not in found)
+    if missing:
+        header = [f"Missing data: {' and '.join(missing)} (all listed below)."]
+        message = [*header[: len(missing) > 1], *sections, *_how_to_supply(missing)]
+        raise DataNotFoundError("\n".join(message), missing=missing)
     return found
 
 
-def _not_found_message(source: DatasetSource, looked: list[str], failures: str) -> str:
+def _lookup(
+    source: DatasetSource, data_dir: str | Path | None, download: bool, opener: Opener | None
+) -> Path | str:
+    """The folder holding ``source``'s verified files, else what was tried, as lines of text."""
+    looked: list[str] = []
+    for folder, how in _candidates(source, data_dir):
+        try:
+            why_not = _check_folder(folder, source)
+        except DataIntegrityError as exc:
+            if folder != cache_dir() / source.name or not download:  # only our cache is repaired
+                raise
+            why_not = f"{exc} (re-downloading)"
+        if why_not is None:
+            if how in _GIVEN:
+                _remember_folder(source.name, folder)
+            return folder
+        looked.append(f"  - {folder} ({how}): {why_not}")
+    failures = "download disabled (download=False / --no-download)"
+    if download:
+        try:
+            return download_dataset(source.name, opener=opener)
+        except DataNotFoundError as exc:
+            failures = str(exc)
     names = ", ".join(f.name + "[.gz]" for f in source.files)
+    unset = ["  ($EWC_DATA_DIR is not set)"] if not os.environ.get("EWC_DATA_DIR") else []
     return "\n".join(
         [
             f"Could not find the {source.name} files ({names}).",
             "Looked in:",
-            *(f"  - {line}" for line in looked),
-            *(["  ($EWC_DATA_DIR is not set)"] if not os.environ.get("EWC_DATA_DIR") else []),
+            *looked,
+            *unset,
             f"Download: {failures}",
-            "To supply the files, get them from "
-            + " or ".join(source.mirrors)
-            + f" and either put them in {cache_dir() / source.name}, or pass --data-dir DIR "
-            "(Python: data_dir=DIR) or set EWC_DATA_DIR=DIR, where DIR holds the files or has "
-            f"a {source.name}/ subfolder holding them. gzip-compressed or plain files both work.",
         ]
     )
+
+
+def _how_to_supply(names: Sequence[str]) -> list[str]:
+    """Lines on how to supply the files of datasets ``names``, and the offline alternative."""
+    sources = [_source(name) for name in names]
+    folders = " and ".join(f"{s.name}/" for s in sources)
+    return [
+        "To supply the files:",
+        *(f"  - get the {s.name} files from {' or '.join(s.mirrors)}" for s in sources),
+        f"  - then put them in {cache_dir()}/{folders}, or pass --data-dir DIR "
+        "(Python: data_dir=DIR) or set EWC_DATA_DIR=DIR,",
+        f"    where DIR holds {folders} (or one data set's files); gzip-compressed or plain.",
+        "No data at hand? The benchmarks split-digits and permuted-digits run offline "
+        "(scikit-learn's digits, pip install 'ewc[digits]').",
+    ]
 
 
 # ----------------------------------------------------------------------------- download
