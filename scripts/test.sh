@@ -3,8 +3,8 @@
 # Real MNIST/Fashion-MNIST tests read $EWC_DATA_DIR (default: ../shared/data) and skip without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+source scripts/venv.sh
+install_venv test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -40,6 +40,19 @@ def test_run_writes_results_and_report(tmp_path, capsys):
     assert "| ewc | 1 |" in printed and "report:" in printed
 
 
+def test_printed_paths_open_from_where_the_user_stands(tmp_path, capsys, monkeypatch):
+    """An absolute ``--out`` below the working folder is printed relative to it (``cd .. && bash
+    ewc/scripts/demo.sh`` prints ``ewc/runs/demo/report.html``), one elsewhere as it is."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ewc" / "runs" / "r.json"
+    assert main(["run", *FAST, "--strategy", "naive", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "results: ewc/runs/r.json\n" in printed and "report: ewc/runs/r.html\n" in printed
+    monkeypatch.chdir(tmp_path / "ewc" / "runs")
+    assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
+    assert f"report: {tmp_path / 'r.html'}\n" in capsys.readouterr().out
+
+
 def test_compare_with_config_file(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("benchmark: split-digits\nepochs: 1\nhidden: [32]\nscenario: domain\n")

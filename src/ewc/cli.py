@@ -203,6 +203,17 @@ def _check_out_folder(args: argparse.Namespace) -> None:
     _check_outputs(args, [args.out / name for name in names])
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the user can open it from where they stand: relative to the working folder
+    when it lies below it, else absolute (``scripts/demo.sh`` passes an absolute ``--out``)."""
+    absolute = Path(os.path.abspath(path))
+    return (
+        str(absolute.relative_to(Path.cwd()))
+        if absolute.is_relative_to(Path.cwd())
+        else str(absolute)
+    )
+
+
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of metrics (in %) per strategy: mean ± std over seeds."""
     from ewc.report import markdown_table, metrics_table
@@ -223,7 +234,7 @@ def _finish(
         from ewc.report import write_report
 
         html, _ = write_report(results, out_dir / "report.html", sweep=sweep_summary)
-        print(f"report: {html}")
+        print(f"report: {_shown(html)}")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -234,13 +245,13 @@ def _cmd_run(args: argparse.Namespace) -> None:
     _check_outputs(args, [args.out, *reports])
     progress, resume = not args.quiet, not args.fresh
     result = run_and_save(config, args.out, progress, resume, log_dir=args.log_dir)
-    print(f"results: {args.out}")
+    print(f"results: {_shown(args.out)}")
     print(format_table([result]))
     if not args.no_report:
         from ewc.report import write_report
 
         html, _ = write_report([result], args.out.with_suffix(".html"))
-        print(f"report: {html}")
+        print(f"report: {_shown(html)}")
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -341,7 +352,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
             f"give at most one sweep.json (a report shows one sweep), got {len(sweeps)}"
         )
     html, md = write_report(results, args.out, sweep=sweeps[0] if sweeps else None)
-    print(f"report: {html}\nsummary: {md}")
+    print(f"report: {_shown(html)}\nsummary: {_shown(md)}")
 
 
 COMMANDS = {
