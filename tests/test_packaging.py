@@ -76,3 +76,62 @@ def test_requires_python_matches_the_code() -> None:
     """The code's oldest syntax target (ruff, mypy) and requires-python agree."""
     low = PYPROJECT["project"]["requires-python"].removeprefix(">=")
     assert PYPROJECT["tool"]["ruff"]["target-version"] == "py" + low.replace(".", "")
+
+
+def _cli(argv: list[str], blocked: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    """``ewc ARGV`` in a fresh process where the ``blocked`` packages cannot be imported."""
+    code = "".join(f"sys.modules[{name!r}] = None\n" for name in blocked)
+    code = f"import sys\n{code}from ewc.cli import main\nsys.exit(main({argv!r}))"
+    return python(code)
+
+
+# The core install: no extra's packages but scikit-learn's, which the offline benchmark needs.
+CORE = tuple(name for name in OPTIONAL if name != "sklearn")
+TINY = [
+    "run",
+    "--benchmark",
+    "split-digits",
+    "--strategy",
+    "ewc",
+    "--epochs",
+    "0.2",
+    "--hidden",
+    "16",
+]
+
+
+def test_the_core_install_runs_no_report_to_the_end(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    done = _cli([*TINY, "--quiet", "--no-report", "--out", str(out)], CORE)
+    assert done.returncode == 0, done.stderr
+    assert out.exists() and "| ewc | 1 |" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "extra", "instead"),
+    [(["--quiet"], "plots", "--no-report"), (["--no-report"], "cli", "--quiet")],
+)
+def test_a_missing_extra_is_named_before_any_work(
+    tmp_path: Path, flags: list[str], extra: str, instead: str
+) -> None:
+    out = tmp_path / "out" / "r.json"
+    done = _cli([*TINY, *flags, "--out", str(out)], CORE)
+    assert done.returncode == 2
+    assert f"pip install 'ewc[{extra}]'" in done.stderr and f"or pass {instead}" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_the_demo_names_its_stand_ins_extra_before_the_notes_on_data(tmp_path: Path) -> None:
+    code = (
+        "import os, sys\nsys.modules['sklearn'] = None\n"
+        f"os.environ['EWC_CACHE_DIR'] = {str(tmp_path / 'cache')!r}\n"
+        "os.environ.pop('EWC_DATA_DIR', None)\n"
+        "from ewc.cli import main\n"
+        f"sys.exit(main(['demo', '--fast', '--no-download', '--out', {str(tmp_path / 'd')!r}]))"
+    )
+    done = python(code)
+    assert done.returncode == 2
+    assert done.stderr.startswith("ewc demo: error: the fashion-mnist and mnist files were not")
+    assert "pip install 'ewc[digits]'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""

@@ -24,8 +24,9 @@ class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` to run."""
 
 
-def require(module: str, extra: str) -> ModuleType:
-    """Import ``module`` or raise :class:`MissingExtraError` naming ``pip install 'ewc[extra]'``."""
+def require(module: str, extra: str, instead: str = "") -> ModuleType:
+    """Import ``module`` or raise :class:`MissingExtraError` naming ``pip install 'ewc[extra]'``
+    (and ``instead``, a way to do without it, e.g. ``"pass --no-report"``)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -34,5 +35,6 @@ def require(module: str, extra: str) -> ModuleType:
             raise  # the module is there but one of its own imports failed: show that error
         raise MissingExtraError(
             f"{EXTRAS.get(extra, extra)} need the package providing {top!r}, which is not "
-            f"installed. Install it with: pip install 'ewc[{extra}]' (or 'ewc[all]')."
+            f"installed. Install it with: pip install 'ewc[{extra}]' (or 'ewc[all]')"
+            + (f", or {instead}." if instead else ".")
         ) from e

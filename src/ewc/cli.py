@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ewc import __version__
-from ewc._optional import MissingExtraError
+from ewc._optional import MissingExtraError, require
 from ewc.config import read_config_file
 from ewc.data.sources import DataNotFoundError, find_datasets
 from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.results import atomic_write_text, check_output, load_results
 from ewc.runner import STRATEGIES, RunConfig, compare, resolve_config, run_and_save, sweep
+from ewc.tables import markdown_table, metrics_table
 
 DEMO_STRATEGIES = ("naive", "ewc")
 DEMO_BENCHMARK = "fashion-mnist-to-mnist"
@@ -216,8 +217,6 @@ def _shown(path: Path) -> str:
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of metrics (in %) per strategy: mean ± std over seeds."""
-    from ewc.report import markdown_table, metrics_table
-
     return markdown_table(metrics_table(results))
 
 
@@ -298,6 +297,10 @@ def _demo_config(args: argparse.Namespace) -> RunConfig:
     except DataNotFoundError as e:
         fetch = "downloads are off (--no-download)" if args.no_download else "the download failed"
         reason = f"the {' and '.join(e.missing)} files were not found and {fetch}"
+        try:  # the stand-in's extra, named before the notes on the data
+            require("sklearn", "digits", "pass --data-dir DIR, a folder with the data files")
+        except MissingExtraError as missing:
+            raise MissingExtraError(f"{reason}; the offline stand-in: {missing}") from None
         print(f"note: {e}", file=sys.stderr)
         stand_in = {"for": DEMO_BENCHMARK, "reason": reason}
         return RunConfig(**DEMO_STAND_IN, extra={"stand_in": stand_in})
@@ -364,6 +367,17 @@ COMMANDS = {
 }
 
 
+def _require_extras(args: argparse.Namespace) -> None:
+    """Name a missing extra before any work: the report needs matplotlib ([plots]), progress
+    bars need tqdm ([cli]); ``--no-report`` and ``--quiet`` do without them."""
+    if args.command in ("report", "demo"):
+        require("matplotlib", "plots")
+    elif not args.no_report:
+        require("matplotlib", "plots", "pass --no-report")
+    if not getattr(args, "quiet", True):
+        require("tqdm", "cli", "pass --quiet")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ewc`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -372,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        _require_extras(args)
         COMMANDS[args.command](args)
     except (UsageError, ValueError, OSError, MissingExtraError, MemoryError, RuntimeError) as e:
         if os.environ.get("EWC_DEBUG") or (isinstance(e, RuntimeError) and not _out_of_memory(e)):

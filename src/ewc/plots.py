@@ -8,8 +8,9 @@ object; :func:`save_figure` renders them with the Agg (PNG) and SVG backends.
 Colours come from the Okabe–Ito palette, which stays distinguishable under the common forms of
 colour blindness. Accuracies are fractions in the files and percentages on the axes.
 
-The per-task final accuracies, mean ± std over seeds (:func:`final_accuracy_by_strategy`),
-live here too, so the bars and the report's table agree on one computation.
+The per-task final accuracies, mean ± std over seeds, come from :mod:`ewc.tables`
+(:func:`~ewc.tables.final_accuracy_by_strategy`), so the bars and the report's table agree on
+one computation.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ewc.results import atomic_write_bytes  # noqa: E402
+from ewc.tables import MeanStd, final_accuracy_by_strategy, group_by_strategy, same_tasks  # noqa: E402
+from ewc.tables import format_percent as format_percent  # noqa: E402  (re-exported)
 
 Results = Mapping[str, Any]
 
@@ -78,68 +81,8 @@ def strategy_color(strategy: str) -> str:
     return STRATEGY_COLORS.get(strategy) or color(zlib.crc32(strategy.encode()))
 
 
-# --------------------------------------------------------------------------- summaries
-
-
-def format_percent(mean: float | None, std: float | None = None, digits: int = 2) -> str:
-    """A fraction in %: ``"97.12 ± 0.30"``, ``"97.12"`` without std, ``"n/a"`` without mean."""
-    if mean is None:
-        return "n/a"
-    text = f"{100 * mean:.{digits}f}"
-    return text if std is None else f"{text} ± {100 * std:.{digits}f}"
-
-
-@dataclass(frozen=True)
-class MeanStd:
-    """Mean and sample standard deviation (ddof=1) of ``n`` values; ``std`` is None for one."""
-
-    mean: float
-    std: float | None
-    n: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> MeanStd:
-        """Summarise a non-empty sequence of numbers."""
-        v = np.asarray(values, dtype=np.float64)
-        return cls(float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None, int(v.size))
-
-    def percent(self, digits: int = 2) -> str:
-        """Formatted as by :func:`format_percent`."""
-        return format_percent(self.mean, self.std, digits)
-
-
-def group_by_strategy(results: Sequence[Results]) -> dict[str, list[Results]]:
-    """Runs grouped by ``strategy`` in order of first appearance, each group sorted by seed."""
-    groups: dict[str, list[Results]] = {}
-    for r in results:
-        groups.setdefault(str(r["strategy"]), []).append(r)
-    return {k: sorted(v, key=lambda r: r.get("seed", 0)) for k, v in groups.items()}
-
-
-def final_accuracy_by_strategy(results: Sequence[Results]) -> dict[str, list[MeanStd]]:
-    """Per strategy, each task's accuracy after the last task (the last row of ``R``) and, as
-    the last entry, their average: mean ± std over the strategy's runs (seeds).
-
-    The metrics themselves (ACC, BWT, ...) are summarised by :func:`ewc.metrics.summarize`.
-    """
-    summary = {}
-    for strategy, runs in group_by_strategy(_same_tasks(results)).items():
-        last = np.asarray([r["accuracy_matrix"][-1] for r in runs], dtype=np.float64)
-        columns = np.column_stack([last, last.mean(axis=1)]).T
-        summary[strategy] = [MeanStd.of(column) for column in columns]
-    return summary
-
-
 def _as_list(results: Results | Sequence[Results]) -> list[Results]:
     return [results] if isinstance(results, Mapping) else list(results)
-
-
-def _same_tasks(runs: Sequence[Results]) -> Sequence[Results]:
-    """``runs`` unchanged, after checking that they all share one task sequence."""
-    names = {tuple(r["task_names"]) for r in runs}
-    if len(names) != 1:
-        raise ValueError(f"these results use different task sequences: {sorted(names)}")
-    return runs
 
 
 def _pct(values: Any) -> np.ndarray:
@@ -229,7 +172,7 @@ def plot_training_loss(results: Results | Sequence[Results]) -> Figure:
 
 def plot_accuracy_matrix(results: Results | Sequence[Results]) -> Figure:
     """Heatmap of ``R[i][j]`` in %; several runs of one strategy are averaged."""
-    runs = _same_tasks(_as_list(results))
+    runs = same_tasks(_as_list(results))
     strategies = {r["strategy"] for r in runs}
     if len(strategies) != 1:
         raise ValueError(f"average runs of one strategy at a time, got {sorted(strategies)}")
@@ -342,7 +285,7 @@ def frontier_points(results: Sequence[Results]) -> list[FrontierPoint]:
     """Test runs grouped by strategy and λ (``config.lam``; None for naive and joint), each group
     summarised over its seeds, in order of strategy (first appearance) and λ."""
     groups: dict[tuple[str, float | None], list[Results]] = {}
-    for r in _same_tasks(results):
+    for r in same_tasks(results):
         groups.setdefault((str(r["strategy"]), r["config"].get("lam")), []).append(r)
     order = list(dict.fromkeys(key[0] for key in groups))
     points = [

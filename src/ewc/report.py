@@ -21,12 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ewc import __version__
-from ewc.metrics import METRICS, summarize
+from ewc.metrics import summarize
 from ewc.plots import (
     figure_bytes,
-    final_accuracy_by_strategy,
-    format_percent,
-    group_by_strategy,
     plot_accuracy_curves,
     plot_accuracy_matrix,
     plot_final_accuracy,
@@ -44,16 +41,23 @@ from ewc.results import (
     load_results,
     stand_in,
 )
+from ewc.tables import (
+    Results,
+    Table,
+    final_accuracy_table,
+    format_percent,
+    group_by_strategy,
+    markdown_table,
+    md,
+    metrics_table,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-Results = Mapping[str, Any]
 Source = str | os.PathLike[str] | Mapping[str, Any]
-Table = tuple[list[str], list[list[str]]]
 
 DEFAULT_TITLE = "Continual learning report"
-METRIC_NAMES = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "Forgetting"}
 TIMINGS = {
     "train_s": "train (s)",
     "fisher_s": "Fisher (s)",
@@ -134,30 +138,6 @@ def _load(source: Source, schema: str) -> Mapping[str, Any]:
 
 
 # --------------------------------------------------------------------------- tables
-
-
-def metrics_table(runs: Sequence[Results]) -> Table:
-    """Header and rows: per strategy, the number of runs and each metric as mean ± std in %."""
-    header = ["Strategy", "Runs", *(f"{METRIC_NAMES[m]} (%)" for m in METRICS)]
-    rows = [
-        [
-            row["strategy"],
-            str(row["n"]),
-            *(format_percent(row[m]["mean"], row[m]["std"]) for m in METRICS),
-        ]
-        for row in summarize(runs)
-    ]
-    return header, rows
-
-
-def final_accuracy_table(runs: Sequence[Results]) -> Table:
-    """Header and rows: per strategy, each task's final accuracy and their average, in %."""
-    header = ["Strategy", *runs[0]["task_names"], "average"]
-    rows = [
-        [strategy, *(s.percent() for s in stats)]
-        for strategy, stats in final_accuracy_by_strategy(runs).items()
-    ]
-    return header, rows
 
 
 def sweep_table(sweep: Mapping[str, Any]) -> Table:
@@ -262,8 +242,8 @@ def render_markdown(
 ) -> str:
     """The Markdown summary: metrics and final accuracies per strategy (and the sweep's choice)."""
     parts = [
-        f"# {_md(_title(runs, title))}",
-        _md(_intro(runs)),
+        f"# {md(_title(runs, title))}",
+        md(_intro(runs)),
         "## Metrics",
         markdown_table(metrics_table(runs)),
         metrics_note(runs),
@@ -271,23 +251,8 @@ def render_markdown(
         markdown_table(final_accuracy_table(runs)),
     ]
     if sweep is not None:
-        parts += ["## Sweep", _md(_sweep_line(sweep)), markdown_table(sweep_table(sweep))]
+        parts += ["## Sweep", md(_sweep_line(sweep)), markdown_table(sweep_table(sweep))]
     return "\n\n".join(parts) + "\n"
-
-
-def _md(text: str) -> str:
-    """``text`` for Markdown, which passes HTML through: ``<``, ``>`` and ``&`` escaped."""
-    return html.escape(str(text), quote=False)
-
-
-def markdown_table(table: Table) -> str:
-    """A table as GitHub-flavoured Markdown; cells escaped (:func:`_md`, and ``|``)."""
-    header, rows = table
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(_md(c).replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)])
 
 
 # --------------------------------------------------------------------------- html
