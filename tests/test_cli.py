@@ -118,6 +118,54 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["run", "--stratgy", "ewc"],
+            "ewc run: error: unrecognized arguments: --stratgy ewc; "
+            "did you mean --strategy? (see ewc run --help)",
+        ),
+        (["run", "--gama", "0.5"], "did you mean --gamma?"),
+        (["run", "--lamda=3"], "did you mean --lam?"),
+        (
+            ["demo", "--fats"],
+            "ewc demo: error: unrecognized arguments: --fats; did you mean "
+            "--fast? (see ewc demo --help)",
+        ),
+        (["compare", "--strategy", "ewc"], "did you mean --strategies?"),
+        (["sweep", "--grdi", "1,2"], "did you mean --grid?"),
+    ],
+)
+def test_a_mistyped_option_is_named_with_the_closest_one(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "x.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["compare", "--seed", "0,1"],
+            "--seed takes one value, got '0,1'; for several: --seeds 0,1",
+        ),
+        (["run", "--seed", "0,1"], "for several: ewc compare --seeds 0,1"),
+        (["run", "--strategy", "naive,ewc"], "for several: ewc compare --strategies naive,ewc"),
+        (["compare", "--lam", "1,10"], "for several: ewc sweep --grid 1,10"),
+        (["sweep", "--grid", "1", "--lam", "1,10"], "for several: --grid 1,10"),
+    ],
+)
+def test_a_list_for_a_single_value_names_the_option_for_several(argv, message, capsys, tmp_path):
+    out = tmp_path / ("x.json" if argv[0] == "run" else "out")
+    assert main([*argv, *FAST, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_unknown_config_key_exit_2(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lamda: 3\n")

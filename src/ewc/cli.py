@@ -8,6 +8,7 @@ with one line naming the problem and the fix, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -71,6 +72,51 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _CommandParser(_Parser):
+    """A command's parser: an unknown option is an error of the command (``ewc run: error:
+    ...``, pointing to ``ewc run --help``, not ``ewc --help``), and every error names the
+    options closest to the unknown ones given (``--stratgy``: ``--strategy``)."""
+
+    _argv: Sequence[str] = ()
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._argv = list(args or ())
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def error(self, message: str) -> NoReturn:
+        options = [option for action in self._actions for option in action.option_strings]
+        given = [arg.split("=")[0] for arg in self._argv if arg.startswith("--")]
+        guesses = {
+            guess
+            for flag in given
+            if flag not in options
+            for guess in difflib.get_close_matches(flag, options, n=1)
+        }
+        hint = f"; did you mean {' or '.join(sorted(guesses))}?" if guesses else ""
+        super().error(message + hint)
+
+
+#: Options that take one value -> the option of another command (or this one) that takes several.
+_SEVERAL = {
+    "--seed": ("--seeds", "compare"),
+    "--strategy": ("--strategies", "compare"),
+    "--lam": ("--grid", "sweep"),
+}
+
+
+def _check_single_values(args: argparse.Namespace) -> None:
+    """A comma-separated list given to an option that takes one value: name the one that takes
+    several (``compare --seed 0,1``: ``--seeds``)."""
+    for flag, (several, command) in _SEVERAL.items():
+        value = getattr(args, flag.removeprefix("--"), None)
+        if isinstance(value, str) and "," in value:
+            where = several if args.command == command else f"ewc {command} {several}"
+            raise UsageError(f"{flag} takes one value, got {value!r}; for several: {where} {value}")
+
+
 def _threads(text: str) -> int:
     """argparse type of ``--threads``: an integer from 1 to the number of CPUs."""
     cpus = os.cpu_count() or 1
@@ -112,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds 0,1,2 --out runs/split",
     )
     parser.add_argument("--version", action="version", version=f"ewc {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     p = sub.add_parser("run", help="train one strategy on a benchmark, write a results JSON")
     p.add_argument("--strategy", default=None, help=f"one of {', '.join(STRATEGIES)}")
@@ -386,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        _check_single_values(args)
         _require_extras(args)
         COMMANDS[args.command](args)
     except (UsageError, ValueError, OSError, MissingExtraError, MemoryError, RuntimeError) as e:
