@@ -20,8 +20,9 @@ pytestmark = pytest.mark.distributed
 HERE = Path(__file__).parent
 
 
-def torchrun(*args: str, cwd: Path) -> None:
-    """Run ``torchrun --standalone --nproc_per_node 2 ARGS`` with one thread a process."""
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``torchrun --standalone --nproc_per_node 2 ARGS`` with one thread a process; what it
+    printed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     done = subprocess.run(
@@ -33,6 +34,7 @@ def torchrun(*args: str, cwd: Path) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +82,10 @@ def test_a_ddp_model_keeps_its_parameter_names(ranks: list[dict]) -> None:
     assert set(ranks[0]["ddp_fisher"]) == names
 
 
-def test_the_runner_trains_with_ddp_and_rank_0_writes(tmp_path: Path) -> None:
+def test_the_runner_trains_with_ddp_and_rank_0_writes_and_speaks(tmp_path: Path) -> None:
     """``torchrun -m ewc run``: the same accuracy matrix as one process on the same global
-    batches (gradients averaged over the two shards of each batch), one results file."""
+    batches (gradients averaged over the two shards of each batch), one results file, and the
+    results and table printed once, by rank 0."""
     pytest.importorskip("sklearn")
     settings = dict(
         benchmark="permuted-digits", strategy="ewc", n_tasks=2, epochs=1.0, seed=0, lam=1e3
@@ -91,7 +94,8 @@ def test_the_runner_trains_with_ddp_and_rank_0_writes(tmp_path: Path) -> None:
     out = tmp_path / "ddp.json"
     flags = ["--benchmark", "permuted-digits", "--strategy", "ewc", "--tasks", "2"]
     flags += ["--epochs", "1", "--seed", "0", "--lam", "1e3", "--quiet", "--no-report"]
-    torchrun("-m", "ewc", "run", *flags, "--out", str(out), cwd=tmp_path)
+    done = torchrun("-m", "ewc", "run", *flags, "--out", str(out), cwd=tmp_path)
+    assert done.stdout.count("results: ddp.json") == 1 and done.stdout.count("| ewc | 1 |") == 1
     result = json.loads(out.read_text())
     for row, expected in zip(result["accuracy_matrix"], single["accuracy_matrix"], strict=True):
         assert row == pytest.approx(expected, abs=0.01)  # float sums in another order

@@ -12,6 +12,7 @@ import difflib
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -427,7 +428,18 @@ def _require_extras(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ewc`` console script; returns the exit code."""
+    """Entry point of the ``ewc`` console script; returns the exit code.
+
+    Under ``torchrun`` every rank computes the same results and rank 0 speaks: the other ranks
+    print nothing but running out of memory, which is their own (tagged with their rank).
+    """
+    if int(os.environ.get("RANK") or 0) == 0:
+        return _main(argv)
+    with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) is not None:
         import torch
@@ -442,9 +454,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # Missing data is no typo: its message lists every place looked, one per line.
         message = str(e).strip() if isinstance(e, DataNotFoundError) else _one_line(str(e))
+        where, stream = f"ewc {args.command}", sys.stderr
         if isinstance(e, MemoryError | RuntimeError):
             message = f"out of memory ({message}); use a smaller model, batch size or task count"
-        print(f"ewc {args.command}: error: {message}", file=sys.stderr)
+            if os.environ.get("RANK"):  # this rank's own failure: said on every rank
+                where, stream = f"{where} (rank {os.environ['RANK']})", sys.__stderr__
+        print(f"{where}: error: {message}", file=stream)
         return 2
     except KeyboardInterrupt:
         print(
