@@ -166,6 +166,38 @@ def test_a_list_for_a_single_value_names_the_option_for_several(argv, message, c
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", "--seed", "0,1"],
+        ["compare", "--strategies", "ewcc"],
+        ["compare", "--seeds", "0,0"],
+        ["compare", "--lam", "-1"],
+        ["compare", "--strategies", "naive", "--lr", "0"],
+        ["run", "--strategy", "ewc", "--gamma", "2"],
+        ["demo", "--data-dir", "nowhere", "--no-download", "--fast"],
+        ["sweep", "--grid", "1,1"],
+        ["sweep", "--grid", "1,x"],
+    ],
+    ids=" ".join,
+)
+def test_a_refused_command_creates_nothing(argv, tmp_path, monkeypatch, capsys):
+    """Every check comes before the first folder: no empty ``--out`` or ``--log-dir`` left."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EWC_CACHE_DIR", str(tmp_path / "cache"))
+    if argv[0] == "demo":  # a demo's bad input: an output folder that is a file
+        (tmp_path / "file").write_text("")
+        argv = [*argv, "--out", "file/out"]
+    else:
+        out = "out/x.json" if argv[0] == "run" else "out"
+        argv = [*argv, "--benchmark", "split-digits", "--quiet", "--out", out]
+    logs = [] if argv[0] == "sweep" else ["--log-dir", "logs"]
+    assert main([*argv, *logs]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "note:" not in err  # refused before any note on the data
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["file"] if argv[0] == "demo" else [])
+
+
 def test_unknown_config_key_exit_2(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lamda: 3\n")

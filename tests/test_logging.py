@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from ewc._optional import MissingExtraError
+from ewc._optional import MissingExtraWarning
 from ewc.cli import main
 from ewc.curves import Curves
 from ewc.logger import CSV_NAME, ScalarLogger
@@ -81,11 +81,21 @@ def test_logger_writes_the_same_scalars_to_csv_and_tensorboard_as_it_goes(tmp_pa
         assert (step, pytest.approx(value)) in events[tag]
 
 
-def test_logger_without_tensorboard_names_the_extra(tmp_path, monkeypatch):
+def test_logger_without_tensorboard_writes_the_csv_and_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
-    with pytest.raises(MissingExtraError, match=r"pip install 'ewc\[tensorboard\]'"):
-        ScalarLogger(tmp_path / "logs")
-    assert not (tmp_path / "logs").exists()
+    with (
+        pytest.warns(MissingExtraWarning, match=r"scalars.csv only.*'ewc\[tensorboard\]'"),
+        ScalarLogger(tmp_path / "logs") as logger,
+    ):
+        logger.log(3, {"loss/penalty": 0.5})
+    assert [(r["step"], r["tag"]) for r in _csv_rows(tmp_path / "logs")] == [("3", "loss/penalty")]
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == [CSV_NAME]
+
+
+def test_task_names_with_slashes_are_one_tag_level(tmp_path):
+    with ScalarLogger(tmp_path / "logs") as logger:
+        Curves(["0/1", "2/3"], penalty=False, logger=logger).point(0, [0.5, 0.25], None)
+    assert [r["tag"] for r in _csv_rows(tmp_path / "logs")] == ["accuracy/0-1", "accuracy/2-3"]
 
 
 # --------------------------------------------------------------------------- in a run

@@ -24,6 +24,10 @@ class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` to run."""
 
 
+class MissingExtraWarning(UserWarning):
+    """An optional output is skipped because its extra is missing (TensorBoard event files)."""
+
+
 def require(module: str, extra: str, instead: str = "") -> ModuleType:
     """Import ``module`` or raise :class:`MissingExtraError` naming ``pip install 'ewc[extra]'``
     (and ``instead``, a way to do without it, e.g. ``"pass --no-report"``)."""

@@ -11,16 +11,18 @@ import argparse
 import difflib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ewc import __version__
-from ewc._optional import MissingExtraError, require
+from ewc._optional import MissingExtraError, MissingExtraWarning, require
 from ewc.config import read_config_file
 from ewc.data.sources import DataNotFoundError, find_datasets
 from ewc.fisher import KINDS as FISHER_KINDS
+from ewc.logger import CSV_NAME
 from ewc.results import atomic_write_text, check_output, load_results
 from ewc.runner import STRATEGIES, RunConfig, compare, resolve_config, run_and_save, sweep
 from ewc.tables import markdown_table, metrics_table
@@ -249,7 +251,9 @@ def _check_outputs(args: argparse.Namespace, paths: Sequence[Path]) -> None:
 def _check_out_folder(args: argparse.Namespace) -> None:
     """Check the output folder, and the summary and report files ``_finish`` writes there."""
     check_output(args.out, folder=True)
-    names = ["summary.md"] + ([] if args.no_report else ["report.html", "report.md"])
+    names = ["summary.md"] + (
+        [] if getattr(args, "no_report", False) else ["report.html", "report.md"]
+    )
     _check_outputs(args, [args.out / name for name in names])
 
 
@@ -362,7 +366,7 @@ def _demo_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    _check_outputs(args, [])  # --log-dir; compare checks --out before it trains
+    _check_out_folder(args)
     base = _demo_config(args)
     stand_in = base.extra.get("stand_in")
     if stand_in:
@@ -418,13 +422,20 @@ COMMANDS = {
 
 def _require_extras(args: argparse.Namespace) -> None:
     """Name a missing extra before any work: the report needs matplotlib ([plots]), progress
-    bars need tqdm ([cli]); ``--no-report`` and ``--quiet`` do without them."""
+    bars need tqdm ([cli]); ``--no-report`` and ``--quiet`` do without them. ``--log-dir``
+    without TensorBoard writes its CSV file alone, and says so."""
     if args.command in ("report", "demo"):
         require("matplotlib", "plots")
     elif not args.no_report:
         require("matplotlib", "plots", "pass --no-report")
     if not getattr(args, "quiet", True):
         require("tqdm", "cli", "pass --quiet")
+    if getattr(args, "log_dir", None) is not None:
+        try:
+            require("tensorboard", "tensorboard")
+        except MissingExtraError as e:  # the CSV file is written all the same: said once, here
+            print(f"note: --log-dir: writing {CSV_NAME} only. {e}", file=sys.stderr)
+            warnings.simplefilter("ignore", MissingExtraWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -74,7 +74,7 @@ class Curves:
             return
         scalars = {"loss/cross_entropy": self.loss[index], "loss/penalty": self.penalty[index]}
         for name, acc in zip(self.task_names, self.accuracy[index], strict=True):
-            scalars[f"accuracy/{name}"] = 100 * acc
+            scalars[f"accuracy/{tag_name(name)}"] = 100 * acc
         self.logger.log(self.step[index], scalars)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +89,12 @@ class Curves:
         if self.records_penalty:
             curves["penalty"] = self.penalty
         return curves
+
+
+def tag_name(task_name: str) -> str:
+    """A task name as one level of a log tag: ``/`` separates levels in TensorBoard, so split
+    tasks' ``"0/1"`` becomes ``"0-1"`` (``accuracy/0-1``, not ``accuracy/0/1``)."""
+    return task_name.replace("/", "-")
 
 
 @torch.no_grad()

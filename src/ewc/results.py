@@ -64,9 +64,10 @@ def check_output(
     inputs: Iterable[str | os.PathLike[str]] = (),
 ) -> Path:
     """Make sure ``path`` (a file, or with ``folder`` a folder) can be written, before the work
-    that produces it: its folder is created and a file is created in it and removed. Raises
+    that produces it, without creating anything: a command refused later leaves no trace. Raises
     :class:`OutputError` when ``path`` is a folder (a file is wanted) or a file (a folder is
-    wanted), lies under a file, cannot be created, or is one of ``inputs``."""
+    wanted), lies under a file, lies in a folder this process may not write (the closest one
+    that exists), or is one of ``inputs``. The writes create the folders they need."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise OutputError(f"output folder {str(path)!r} is a file; name a folder")
@@ -78,12 +79,8 @@ def check_output(
     above = next(p for p in (parent, *parent.parents) if p.exists() or p == p.parent)
     if not above.is_dir():
         raise OutputError(f"output {str(path)!r} lies under {str(above)!r}, which is a file")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise OutputError(f"cannot write to {str(parent)!r}: {e.strerror or e}") from None
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {str(parent)!r}: {str(above)!r} is not writable")
     return path
 
 
