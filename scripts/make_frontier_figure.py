@@ -34,7 +34,10 @@ def main() -> None:
         "--reference", type=reference, action="append", default=[], help="NAME=NEW,OLD"
     )
     args = parser.parse_args()
-    points = frontier_points([load_results(p) for p in args.results])
+    try:
+        points = frontier_points([load_results(p) for p in args.results])
+    except (OSError, ValueError) as e:  # a missing or foreign file: one line, not a traceback
+        parser.error(str(e))
     for p in points:
         print(f"{p.strategy:10s} λ={p.lam!s:8s} new {p.new.percent()}  old {p.old.percent()}")
     figure = plot_frontier(points, dict(args.reference))

@@ -32,3 +32,17 @@ def test_readme_figure_script_writes_one_png(tmp_path):
     assert done.stdout.split() == [str(png)]
     assert [p.name for p in png.parent.iterdir()] == ["demo_accuracy.png"]  # no stray SVG
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_readme_figure_script_names_a_missing_results_file(tmp_path):
+    """The README's command before ``scripts/demo.sh`` has run: one line, not a traceback."""
+    missing = tmp_path / "runs" / "demo" / "naive-seed0.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(missing), "--out", str(tmp_path / "f")],
+        capture_output=True,
+        text=True,
+        env={"MPLBACKEND": "Agg", "PATH": ""},
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and str(missing) in done.stderr.splitlines()[-1]
+    assert not list(tmp_path.glob("f*"))
