@@ -86,7 +86,7 @@ def test_unreadable_checkpoint_is_ignored(tmp_path):
     _same_results(run(cfg), resumed)
 
 
-def test_ewc_run_resumes_from_its_checkpoint_and_removes_it(tmp_path, monkeypatch):
+def test_ewc_run_resumes_from_its_checkpoint_and_removes_it(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
     argv = ["run", "--benchmark=split-digits", "--hidden=16", "--max-train-samples=60"]
     argv += ["--epochs=2", "--strategy=ewc", "--quiet", "--no-report", f"--out={out}"]
@@ -106,6 +106,12 @@ def test_ewc_run_resumes_from_its_checkpoint_and_removes_it(tmp_path, monkeypatc
     monkeypatch.setattr(checkpoint, "resume", recording_resume)
     assert main(argv) == 0
     assert resumed_at == [3]
+    ckpt = checkpoint.checkpoint_path(out)
+    said = f"note: resuming {ckpt} after task 3 of 5 (--fresh starts over)\n"
+    assert capsys.readouterr().err == said  # one line, and nothing else
+    assert main(argv) == 0  # again: the results are read, and it says so
+    said = f"note: {out} holds this run's results: read, not rerun (--fresh reruns)\n"
+    assert capsys.readouterr().err == said
     assert not checkpoint.checkpoint_path(out).exists()
     _same_results(run(cfg), json.loads(out.read_text()))
 

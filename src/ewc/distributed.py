@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,12 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """True on rank 0 and outside a process group: the process that writes files."""
     return rank() == 0
+
+
+def note(text: str) -> None:
+    """Print ``text`` to stderr as a note, on rank 0 only (every rank would say the same)."""
+    if is_main_process():
+        print(f"note: {text}", file=sys.stderr)
 
 
 def setup(device: torch.device) -> torch.device:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ewc import checkpoint as checkpoints
+from ewc import distributed
 from ewc.config import ConfigError
 from ewc.results import (
     SWEEP_SCHEMA,
@@ -105,10 +106,13 @@ def run_and_save(
     """The results of ``cfg``: read from ``path`` (a results JSON) if they are there with this
     config and ``resume``, else run (logging to ``log_dir``, if given) and saved there. The run
     saves a checkpoint after each task next to ``path`` (:func:`ewc.checkpoint.checkpoint_path`),
-    resumes from it with ``resume``, and removes it once the results are saved."""
+    resumes from it with ``resume``, and removes it once the results are saved. Reading results
+    and resuming are each said in one line on stderr."""
     ckpt = checkpoints.checkpoint_path(path)
     result = _load_matching(Path(path), cfg) if resume else None
-    if result is None:
+    if result is not None:
+        distributed.note(f"{path} holds this run's results: read, not rerun (--fresh reruns)")
+    else:
         if not resume:
             checkpoints.remove_checkpoint(ckpt)
         result = run(cfg, progress=progress, log_dir=log_dir, checkpoint=ckpt)

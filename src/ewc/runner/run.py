@@ -84,6 +84,9 @@ def run(
     settings = applicable_settings(cfg, own_model=model is not None, own_stream=stream is not None)
     state = _Run(cfg, stream, model, progress, log_dir)
     first = state.resume(checkpoint)
+    if first:
+        n = len(state.tasks)
+        distributed.note(f"resuming {checkpoint} after task {first} of {n} (--fresh starts over)")
     for t in range(first, len(state.tasks)):
         state.train(t)
         state.consolidate(t)
