@@ -8,12 +8,14 @@ with one line naming the problem and the fix, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,10 +23,25 @@ from ewc import __version__
 from ewc._optional import MissingExtraError, MissingExtraWarning, require
 from ewc.config import read_config_file
 from ewc.data.sources import DataNotFoundError, find_datasets
+from ewc.data.streams import BENCHMARKS
 from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.logger import CSV_NAME
 from ewc.results import atomic_write_text, check_output, load_results
-from ewc.runner import STRATEGIES, RunConfig, compare, resolve_config, run_and_save, sweep
+from ewc.runner import (
+    DEFAULT_BENCHMARK,
+    OPTIMIZERS,
+    STRATEGIES,
+    RunConfig,
+    applicable_settings,
+    compare,
+    compare_configs,
+    describe_protocol,
+    resolve_config,
+    run_and_save,
+    setting_text,
+    sweep,
+    sweep_configs,
+)
 from ewc.tables import markdown_table, metrics_table
 
 DEMO_STRATEGIES = ("naive", "ewc")
@@ -38,19 +55,29 @@ DEMO_STAND_IN: dict[str, Any] = dict(
 
 
 # CLI flag -> (RunConfig field, help), for the options shared by run, compare and sweep. Values
-# stay strings here: RunConfig coerces and checks them, as it does a config file's values.
+# stay strings here: RunConfig coerces and checks them, as it does a config file's values. Each
+# help says the value an unset option takes: the field's default (added by _add_run_options) or,
+# for fields without one, the benchmark's protocol (listed in the commands' epilog).
+_PROTOCOL = "default: the benchmark's protocol, below"
 _RUN_OPTIONS: dict[str, tuple[str, str]] = {
-    "--benchmark": ("benchmark", "task stream, e.g. split-mnist, permuted-mnist"),
-    "--scenario": ("scenario", "task | domain | class (default: the benchmark's)"),
-    "--model": ("model", "mlp | cnn (default: the benchmark's)"),
-    "--hidden": ("hidden", "MLP hidden widths, comma-separated, e.g. 400,400"),
-    "--tasks": ("n_tasks", "number of tasks (permuted/rotated benchmarks)"),
-    "--epochs": ("epochs", "passes over each task's training set"),
-    "--iterations": ("iterations", "optimizer steps per task (overrides --epochs)"),
-    "--batch-size": ("batch_size", "samples per optimizer step"),
-    "--lr": ("lr", "learning rate"),
-    "--optimizer": ("optimizer", "adam | sgd"),
-    "--lam": ("lam", "regularization strength λ in (λ/2)·Σ Ω (θ-θ*)²"),
+    "--benchmark": (
+        "benchmark",
+        f"task stream: {', '.join(BENCHMARKS)} (default: {DEFAULT_BENCHMARK})",
+    ),
+    "--scenario": ("scenario", f"task | domain | class ({_PROTOCOL})"),
+    "--model": ("model", f"mlp | cnn ({_PROTOCOL})"),
+    "--hidden": ("hidden", f"MLP hidden widths, comma-separated, e.g. 400,400 ({_PROTOCOL})"),
+    "--tasks": ("n_tasks", "number of tasks (permuted/rotated; default: the benchmark's)"),
+    "--epochs": ("epochs", f"passes over each task's training set ({_PROTOCOL})"),
+    "--iterations": ("iterations", "optimizer steps per task, instead of --epochs"),
+    "--batch-size": ("batch_size", f"samples per optimizer step ({_PROTOCOL})"),
+    "--lr": ("lr", f"learning rate ({_PROTOCOL})"),
+    "--optimizer": ("optimizer", f"{' | '.join(OPTIMIZERS)} ({_PROTOCOL})"),
+    "--lam": (
+        "lam",
+        "regularization strength λ in (λ/2)·Σ Ω (θ-θ*)² (default: chosen on validation data per "
+        "benchmark, scenario and strategy: docs/defaults.md)",
+    ),
     "--gamma": ("gamma", "online EWC decay γ in (0, 1]"),
     "--xi": ("xi", "SI damping ξ"),
     "--fisher": ("fisher", f"Fisher kind: {' | '.join(FISHER_KINDS)}"),
@@ -58,10 +85,28 @@ _RUN_OPTIONS: dict[str, tuple[str, str]] = {
     "--seed": ("seed", "random seed (model init, data order, permutations)"),
     "--data-dir": ("data_dir", "folder with MNIST-format files (else $EWC_DATA_DIR, cache)"),
     "--device": ("device", "cpu | cuda"),
-    "--eval-every": ("eval_every", "optimizer steps between curve points"),
-    "--max-train-samples": ("max_train_samples", "cap on training samples per task"),
-    "--penalty": ("penalty", "grad (closed-form, fast) | autograd | proximal (stable)"),
+    "--eval-every": ("eval_every", "optimizer steps between curve points (default: ~10 a task)"),
+    "--max-train-samples": ("max_train_samples", "cap on training samples per task (default: all)"),
+    "--penalty": (
+        "penalty",
+        "grad (closed-form, fast) | autograd | proximal (stable) (default: proximal with sgd, "
+        "else grad)",
+    ),
 }
+#: The defaults of the fields that have one (``seed``: 0), said in the help of their option.
+_FIELD_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(RunConfig) if f.default not in (None, MISSING)
+}
+
+
+_STRATEGY_HELP = f"one of {', '.join(STRATEGIES)} (default: {_FIELD_DEFAULTS['strategy']})"
+
+
+def _protocols_epilog() -> str:
+    """The commands' epilog: what the unset options take on each benchmark."""
+    width = max(map(len, BENCHMARKS))
+    lines = [f"  {name:{width}}  {describe_protocol(name)}" for name in BENCHMARKS]
+    return "benchmark protocols (what unset options take):\n" + "\n".join(lines)
 
 
 class UsageError(Exception):
@@ -133,7 +178,11 @@ def _threads(text: str) -> int:
 
 
 def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # the epilog's table as it is
+    p.epilog = _protocols_epilog()
     for flag, (dest, help_) in _RUN_OPTIONS.items():
+        if dest in _FIELD_DEFAULTS:
+            help_ += f" (default: {setting_text(_FIELD_DEFAULTS[dest])})"
         p.add_argument(flag, dest=dest, default=None, help=help_)
     p.add_argument("--config", type=Path, help="YAML or TOML file of RunConfig fields")
     p.add_argument("--threads", type=_threads, help="torch CPU threads (default: torch's)")
@@ -166,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("run", help="train one strategy on a benchmark, write a results JSON")
-    p.add_argument("--strategy", default=None, help=f"one of {', '.join(STRATEGIES)}")
+    p.add_argument("--strategy", default=None, help=_STRATEGY_HELP)
     p.add_argument("--fresh", action="store_true", help="rerun even where results exist")
     _add_run_options(p, "results file (.json); a report is written beside it")
     _add_log_dir(p)
@@ -182,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_dir(p)
 
     p = sub.add_parser("sweep", help="choose λ (or another field) on validation data")
-    p.add_argument("--strategy", default=None, help=f"one of {', '.join(STRATEGIES)}")
+    p.add_argument("--strategy", default=None, help=_STRATEGY_HELP)
     p.add_argument("--param", default="lam", help="RunConfig field to sweep (default: lam)")
     p.add_argument("--grid", required=True, help="comma-separated values, e.g. 1e2,1e3,1e4")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out training fraction")
@@ -228,6 +277,29 @@ def _run_values(args: argparse.Namespace) -> dict[str, Any]:
 def _run_config(args: argparse.Namespace) -> RunConfig:
     """The checked and resolved run settings (:func:`ewc.runner.resolve_config`)."""
     return resolve_config(RunConfig.from_dict(_run_values(args)))
+
+
+def _announce(
+    command: str, configs: Sequence[RunConfig], values: Mapping[str, Any], varied: str
+) -> None:
+    """Say what will run, before it runs: each strategy with every setting it takes (but the
+    ``varied`` one, said in ``command``), and the benchmark or strategy taken by default, not
+    given (nothing hidden)."""
+    benchmark = f"{configs[0].benchmark}{_default_mark('benchmark', values)}"
+    for cfg in configs:
+        mark = "" if len(configs) > 1 else _default_mark("strategy", values)
+        settings = applicable_settings(cfg)
+        shown = ", ".join(
+            f"{k} {setting_text(v)}"
+            for k, v in settings.items()
+            if k not in ("benchmark", "strategy", "extra", varied)
+        )
+        print(f"{command}: {cfg.strategy}{mark} on {benchmark}: {shown}")
+
+
+def _default_mark(field: str, values: Mapping[str, Any]) -> str:
+    """`` (default; --field chooses)`` when ``field`` was given by neither flag nor file."""
+    return "" if field in values else f" (default; --{field} chooses)"
 
 
 def _items(text: str, flag: str) -> list[str]:
@@ -292,9 +364,11 @@ def _finish(
 def _cmd_run(args: argparse.Namespace) -> None:
     if args.out.suffix != ".json":
         raise UsageError(f"--out must name a .json file, got {str(args.out)!r}")
-    config = _run_config(args)
+    values = _run_values(args)
+    config = resolve_config(RunConfig.from_dict(values))
     reports = [] if args.no_report else [args.out.with_suffix(".html"), args.out.with_suffix(".md")]
     _check_outputs(args, [args.out, *reports])
+    _announce("run", [config], values, varied="")
     progress, resume = not args.quiet, not args.fresh
     result = run_and_save(config, args.out, progress, resume, log_dir=args.log_dir)
     print(f"results: {_shown(args.out)}")
@@ -310,9 +384,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     values = _run_values(args)  # the file's strategy and seed are the defaults of the flags
     strategies = _items(args.strategies or str(values.get("strategy", "naive,ewc")), "--strategies")
     seeds = _items(args.seeds or str(values.get("seed", 0)), "--seeds")
+    base = RunConfig.from_dict(values)
+    configs = compare_configs(base, strategies, seeds)[: len(strategies)]  # the first seed's
     _check_out_folder(args)
+    _announce(f"compare (seeds {','.join(seeds)})", configs, values, varied="seed")
     results = compare(
-        RunConfig.from_dict(values),
+        base,
         strategies,
         seeds,
         args.out,
@@ -325,9 +402,13 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
     grid = _items(args.grid, "--grid")
+    values = _run_values(args)
+    config = resolve_config(RunConfig.from_dict(values))
+    first = sweep_configs(config, grid, args.param, args.val_fraction)[0]
     _check_out_folder(args)
+    _announce(f"sweep ({args.param} {','.join(grid)})", [first], values, varied=args.param)
     summary = sweep(
-        _run_config(args),
+        config,
         grid,
         args.out,
         param=args.param,

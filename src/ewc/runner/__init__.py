@@ -23,12 +23,23 @@ from ewc.runner.config import (
     STRATEGY_SETTINGS,
     RunConfig,
     applicable_settings,
+    describe_protocol,
     resolve_config,
+    setting_text,
     unused_settings,
 )
-from ewc.runner.experiments import SWEEPABLE, compare, result_path, run_and_save, sweep
+from ewc.runner.experiments import (
+    SWEEPABLE,
+    compare,
+    compare_configs,
+    result_path,
+    run_and_save,
+    sweep,
+    sweep_configs,
+)
 from ewc.runner.protocols import (
     BENCHMARK_DEFAULTS,
+    DEFAULT_BENCHMARK,
     GENERIC_LAM,
     OPTIMIZERS,
     PENALTY_PATHS,
@@ -40,6 +51,7 @@ from ewc.runner.task import DivergedError, evaluate
 
 __all__ = [
     "BENCHMARK_DEFAULTS",
+    "DEFAULT_BENCHMARK",
     "GENERIC_LAM",
     "OPTIMIZERS",
     "PENALTY_PATHS",
@@ -51,11 +63,15 @@ __all__ = [
     "RunConfig",
     "applicable_settings",
     "compare",
+    "compare_configs",
+    "describe_protocol",
     "evaluate",
     "resolve_config",
     "result_path",
     "run",
     "run_and_save",
+    "setting_text",
     "sweep",
+    "sweep_configs",
     "unused_settings",
 ]

@@ -18,6 +18,7 @@ from ewc.regularizers import REGULARIZERS, Regularizer, make_regularizer
 from ewc.runner.masks import masked_forward
 from ewc.runner.protocols import (
     BENCHMARK_DEFAULTS,
+    DEFAULT_BENCHMARK,
     GENERIC_LAM,
     GLOBAL_DEFAULTS,
     OPTIMIZERS,
@@ -32,7 +33,10 @@ class RunConfig:
     """Everything that defines one run. ``None`` means "the benchmark's published default".
 
     Attributes:
-        benchmark: task stream name (see :func:`ewc.data.streams.make_stream`).
+        benchmark: task stream name (see :func:`ewc.data.streams.make_stream`); its protocol
+            fills the unset fields. ``None``: :data:`DEFAULT_BENCHMARK`, except for a stream of
+            your own given to :func:`ewc.runner.run`, which then takes the generic protocol
+            (:data:`GLOBAL_DEFAULTS`; name a benchmark to take its protocol instead).
         strategy: one of :data:`STRATEGIES`.
         scenario: ``"task"``, ``"domain"`` or ``"class"`` (van de Ven et al. 2022).
         n_tasks: number of tasks, for benchmarks that take one (permuted, rotated).
@@ -60,7 +64,7 @@ class RunConfig:
             decoupled pull towards the anchor for Adam, like AdamW's weight decay).
     """
 
-    benchmark: str = "split-digits"
+    benchmark: str | None = None
     strategy: str = "ewc"
     scenario: str | None = None
     n_tasks: int | None = None
@@ -115,13 +119,17 @@ def choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
-def resolve_config(config: RunConfig) -> RunConfig:
+def resolve_config(config: RunConfig, own_stream: bool = False) -> RunConfig:
     """Fill unset fields from the benchmark's protocol and validate every field up front.
 
     Types and ranges are checked when the :class:`RunConfig` is built; this adds the choices
     (strategy, model, ...), the device, and contradictions: both ``epochs`` and ``iterations``,
-    or a setting that the strategy never reads (:func:`unused_settings`).
+    or a setting that the strategy never reads (:func:`unused_settings`). Without a benchmark,
+    :data:`DEFAULT_BENCHMARK`'s; with ``own_stream`` (a stream of your own), the generic
+    protocol (:data:`GLOBAL_DEFAULTS`), the benchmark left unset.
     """
+    if config.benchmark is None and not own_stream:
+        config = dataclasses.replace(config, benchmark=DEFAULT_BENCHMARK)
     choice("strategy", config.strategy, STRATEGIES)
     if config.epochs is not None and config.iterations is not None:
         raise ConfigError(
@@ -131,7 +139,7 @@ def resolve_config(config: RunConfig) -> RunConfig:
     unused = unused_settings(config, [config.strategy])
     if unused:
         raise ConfigError(f"{unused[0]}; remove it or choose a strategy that uses it")
-    protocol = BENCHMARK_DEFAULTS.get(config.benchmark, {})
+    protocol = BENCHMARK_DEFAULTS.get(config.benchmark or "", {})
     filled: dict[str, Any] = {}
     for name, default in {**GLOBAL_DEFAULTS, **protocol}.items():
         if name not in ("lam", "iterations") and getattr(config, name) is None:
@@ -190,7 +198,7 @@ def unused_settings(config: RunConfig, strategies: Sequence[str]) -> list[str]:
     protocol's) that none of ``strategies`` reads, each as ``"name=value is read only by ..."``.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-    protocol = BENCHMARK_DEFAULTS.get(config.benchmark, {})
+    protocol = BENCHMARK_DEFAULTS.get(config.benchmark or "", {})
     return [
         f"{name}={getattr(config, name)!r} is read only by {', '.join(users)}, "
         f"not by {', '.join(strategies)}"
@@ -227,11 +235,32 @@ def applicable_settings(
         unused |= {"fisher", "fisher_samples"}
     if own_stream:
         unused |= {"benchmark", "n_tasks"}
-    if own_stream or cfg.benchmark.endswith("-digits"):
+    if own_stream or (cfg.benchmark or "").endswith("-digits"):
         unused |= {"data_dir", "download"}
     if cfg.val_fraction == 0:
         unused |= {"val_fraction", "evaluate_on"}
     return {k: v for k, v in settings.items() if k not in unused and v is not None and v != {}}
+
+
+def setting_text(value: Any) -> str:
+    """A setting's value as the command line takes it: ``[100, 100]`` -> ``100,100``,
+    ``20.0`` -> ``20``."""
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe_protocol(benchmark: str) -> str:
+    """What a benchmark's unset settings take, in a few words: ``"mlp 100,100, 20 epochs a
+    task, batch 32, adam lr 0.001, scenario task"`` (λ: per strategy, docs/defaults.md)."""
+    p = {**GLOBAL_DEFAULTS, **BENCHMARK_DEFAULTS.get(benchmark, {})}
+    model = f"mlp {setting_text(p['hidden'])}" if p["model"] == "mlp" else p["model"]
+    epochs = f"{p['epochs']:g} epoch{'' if p['epochs'] == 1 else 's'}"
+    length = f"{p['iterations']} steps" if "iterations" in p else epochs
+    spec = BENCHMARKS.get(benchmark)
+    scenario = f", scenario {spec.default_scenario}" if spec is not None else ""
+    optimizer = f"{p['optimizer']} lr {p['lr']:g}"
+    return f"{model}, {length} a task, batch {p['batch_size']}, {optimizer}{scenario}"
 
 
 def build_regularizer(cfg: RunConfig, model: nn.Module) -> Regularizer:

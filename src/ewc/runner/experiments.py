@@ -55,6 +55,21 @@ def compare(
     some of the strategies only (``gamma``: online-ewc) is left at its default for the others.
     With ``resume``, a run whose results file exists with the same config is read, not rerun.
     """
+    configs = compare_configs(config, strategies, seeds)
+    out = check_output(out_dir, folder=True)
+    results = [
+        run_and_save(c, result_path(out, c.strategy, c.seed), progress, resume, _logs(log_dir, c))
+        for c in configs
+    ]
+    write_summary_csv(results, out / "summary.csv")
+    return results
+
+
+def compare_configs(
+    config: RunConfig, strategies: Sequence[str], seeds: Sequence[int | str]
+) -> list[RunConfig]:
+    """The resolved settings of each run of :func:`compare`, seed by seed, checked: each
+    strategy and seed once, no setting that none of the strategies reads."""
     if not strategies or not seeds:
         raise ConfigError("compare needs at least one strategy and one seed")
     for s in strategies:
@@ -74,13 +89,7 @@ def compare(
             f"strategy {twice[0]!r} with seed {twice[1]} is given twice; it would count as "
             "two seeds. List each strategy and each seed once."
         )
-    out = check_output(out_dir, folder=True)
-    results = [
-        run_and_save(c, result_path(out, c.strategy, c.seed), progress, resume, _logs(log_dir, c))
-        for c in configs
-    ]
-    write_summary_csv(results, out / "summary.csv")
-    return results
+    return configs
 
 
 def _run_update(strategy: str, seed: int | str) -> dict[str, Any]:
@@ -142,6 +151,25 @@ def _file_name(value: float) -> str:
 SWEEPABLE = ("lam", "gamma", "xi", "lr", "epochs", "iterations", "batch_size", "fisher_samples")
 
 
+def sweep_configs(
+    config: RunConfig, grid: Sequence[Any], param: str = "lam", val_fraction: float = 0.1
+) -> list[RunConfig]:
+    """The resolved settings of each grid point of :func:`sweep` (on the validation split),
+    checked with the final run's: a sweepable ``param``, each value once."""
+    if param not in SWEEPABLE:
+        raise ConfigError(f"cannot sweep {param!r}; choose one of {', '.join(SWEEPABLE)}")
+    if not grid:
+        raise ConfigError(f"the {param} grid is empty; give values such as 1e2,1e3,1e4")
+    held_out = dataclasses.replace(config, val_fraction=val_fraction, evaluate_on="val")
+    configs = [resolve_config(dataclasses.replace(held_out, **{param: v})) for v in grid]
+    values = [getattr(c, param) for c in configs]
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"{param}={twice!r} is in the grid twice; list each value once")
+    resolve_config(dataclasses.replace(config, **{param: values[0]}))  # the final run's settings
+    return configs
+
+
 def sweep(
     config: RunConfig,
     grid: Sequence[Any],
@@ -161,17 +189,8 @@ def sweep(
     with its ``error`` and skipped. With ``resume``, a point whose results file exists with the
     same config is read, not rerun.
     """
-    if param not in SWEEPABLE:
-        raise ConfigError(f"cannot sweep {param!r}; choose one of {', '.join(SWEEPABLE)}")
-    if not grid:
-        raise ConfigError(f"the {param} grid is empty; give values such as 1e2,1e3,1e4")
-    held_out = dataclasses.replace(config, val_fraction=val_fraction, evaluate_on="val")
-    configs = [resolve_config(dataclasses.replace(held_out, **{param: v})) for v in grid]
+    configs = sweep_configs(config, grid, param, val_fraction)
     values = [getattr(c, param) for c in configs]
-    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
-    if twice is not None:
-        raise ConfigError(f"{param}={twice!r} is in the grid twice; list each value once")
-    resolve_config(dataclasses.replace(config, **{param: values[0]}))  # the final run's settings
     out = check_output(out_dir, folder=True)
     points: list[dict[str, Any]] = []
     for cfg, value in zip(configs, values, strict=True):
@@ -202,7 +221,7 @@ def sweep(
         "schema": SWEEP_SCHEMA,
         "param": param,
         "strategy": config.strategy,
-        "benchmark": config.benchmark,
+        "benchmark": final_cfg.benchmark,
         "grid": values,
         "points": points,
         "chosen": chosen,

@@ -127,6 +127,8 @@ BENCHMARK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 #: Untuned fallbacks, from the registry (the values chosen for task-incremental Split MNIST).
 GENERIC_LAM = {name: strategy.generic_lam for name, strategy in REGULARIZERS.items()}
+#: The benchmark of a config that names none (and is given no stream of its own).
+DEFAULT_BENCHMARK = "split-digits"
 #: What a benchmark without a published protocol (or a stream of your own) gets.
 GLOBAL_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(400, 400), epochs=1.0, batch_size=128, lr=1e-3, optimizer="adam"

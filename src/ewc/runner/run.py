@@ -32,6 +32,7 @@ from ewc.runner.config import (
     applicable_settings,
     build_regularizer,
     resolve_config,
+    setting_text,
 )
 from ewc.runner.importance import importance_summary
 from ewc.runner.masks import Masks
@@ -80,8 +81,10 @@ def run(
     Raises:
         DivergedError: the weights became NaN or infinite (the step or λ is too large).
     """
-    cfg = resolve_config(config)
+    cfg = resolve_config(config, own_stream=stream is not None)
     settings = applicable_settings(cfg, own_model=model is not None, own_stream=stream is not None)
+    if stream is not None:
+        _say_protocol(config, cfg, stream.name, settings)
     state = _Run(cfg, stream, model, progress, log_dir)
     first = state.resume(checkpoint)
     if first:
@@ -95,6 +98,25 @@ def run(
         if on_task_end is not None:
             on_task_end(t, state.matrix[-1])
     return state.results(settings)
+
+
+def _say_protocol(given: RunConfig, cfg: RunConfig, stream: str, settings: dict[str, Any]) -> None:
+    """Note which protocol filled the settings left unset for a stream of one's own (a
+    benchmark's protocol is made for that benchmark's data, not for yours)."""
+    filled = {k: v for k, v in settings.items() if getattr(given, k) is None and k in _PROTOCOL}
+    if not filled:
+        return
+    source = (
+        "the generic protocol (benchmark=NAME takes that benchmark's instead)"
+        if cfg.benchmark is None
+        else f"the {cfg.benchmark} protocol"
+    )
+    values = ", ".join(f"{k} {setting_text(v)}" for k, v in filled.items())
+    distributed.note(f"your stream {stream!r}: settings left unset come from {source}: {values}")
+
+
+#: The settings a protocol fills (:data:`~ewc.runner.protocols.BENCHMARK_DEFAULTS`).
+_PROTOCOL = ("model", "hidden", "epochs", "iterations", "batch_size", "lr", "optimizer", "lam")
 
 
 class _Run:
@@ -117,6 +139,7 @@ class _Run:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         if stream is None:
+            assert cfg.benchmark is not None  # filled by resolve_config without a stream
             stream = make_stream(
                 cfg.benchmark,
                 scenario=cfg.scenario,
