@@ -257,7 +257,10 @@ def test_demo_falls_back_offline(tmp_path, capsys, monkeypatch):
     stand_in = "STAND-IN: permuted-digits (scikit-learn's digits, 2 tasks, shared head) instead of"
     assert f"{stand_in} fashion-mnist-to-mnist, because {reason}." in captured.err
     assert captured.err.strip().splitlines()[-1].endswith("The results and the report say so too.")
-    assert captured.out.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    printed = captured.out.strip().splitlines()
+    assert printed[-1] == f"report: {out / 'report.html'}"
+    assert printed[-2].startswith("ewc (λ = 10000) kept permuted-1 at ")  # the result in words
+    assert " without it (naive fine-tuning), " in printed[-2]
     for strategy in ("naive", "ewc"):
         config = json.loads((out / f"{strategy}-seed0.json").read_text())["config"]
         assert config["extra"]["stand_in"] == {"for": "fashion-mnist-to-mnist", "reason": reason}

@@ -77,3 +77,28 @@ def test_the_frontier_script_writes_one_png(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     assert len(lines) == 4 and lines[-1] == str(out.with_suffix(".png"))
     assert [p.name for p in out.parent.iterdir()] == ["frontier.png"]
+
+
+def test_lambda_labels_stay_clear_of_the_markers():
+    """Each λ label's box lies beside its point, clear of its marker and of the error bar
+    through it (docs/frontier.png had them on the bars), alternating above and below."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from ewc.plots import FrontierPoint
+    from ewc.tables import MeanStd
+
+    points = [
+        FrontierPoint("ewc", lam, MeanStd.of([old, old + 0.02]), MeanStd.of([new, new + 0.01]))
+        for lam, old, new in ((1e3, 0.5, 0.97), (1e4, 0.6, 0.95), (1e5, 0.7, 0.9))
+    ]
+    fig = plot_frontier(points)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    (ax,) = fig.axes
+    labels = [t for t in ax.texts if t.get_text().startswith("λ=")]
+    assert len(labels) == 3
+    for label, p in zip(labels, points, strict=True):
+        box = label.get_window_extent(renderer)
+        x, y = ax.transData.transform((100 * p.new.mean, 100 * p.old.mean))
+        assert not box.contains(x, y) and box.x0 > x + 5  # right of the marker
+        assert box.y0 > y + 3 or box.y1 < y - 3  # clear of the error bar through the point

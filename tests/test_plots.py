@@ -276,3 +276,30 @@ def test_importance_legend_shows_recorded_layer_labels(runs):
     run["importance"][0]["layers"]["0.bias"]["label"] = "0: Linear.bias (16)"
     labels = plots.plot_importance(run).axes[0].get_legend_handles_labels()[1]
     assert labels[1] == "0: Linear.bias (16)"
+
+
+def _renamed(run: dict[str, Any], strategy: str) -> dict[str, Any]:
+    return {**run, "strategy": strategy}
+
+
+def test_accuracy_curves_of_many_strategies_wrap_into_readable_rows(runs):
+    """Seven strategies: three panels a row, as wide as each panel of a two-strategy figure."""
+    names = ["naive", "joint", "ewc", "online-ewc", "si", "mas", "l2"]
+    fig = plots.plot_accuracy_curves([_renamed(runs[0], s) for s in names])
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 7 and len(fig.axes) == 9  # 3 x 3, the last two places hidden
+    assert [ax.get_title().split()[0] for ax in shown] == names
+    assert fig.get_figwidth() == plots.plot_accuracy_curves(runs[:1]).get_figwidth() + 2 * 4.8
+    assert fig.get_figheight() == 3 * 3.8
+    assert all(ax.get_ylabel() == plots.ACCURACY_LABEL for ax in shown[::3])
+
+
+def test_identical_loss_curves_both_stay_visible(runs):
+    """naive and EWC train alike before the first penalty: the curve drawn first is wider and
+    under the other, so neither hides the other."""
+    run = _with_loss(runs[0])
+    (ax,) = plots.plot_training_loss([_renamed(run, "naive"), _renamed(run, "ewc")]).axes
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_label()[0] != "_"}
+    under, over = lines["naive: cross-entropy"], lines["ewc: cross-entropy"]
+    assert list(under.get_ydata()) == list(over.get_ydata())
+    assert under.get_linewidth() > over.get_linewidth() and under.get_zorder() < over.get_zorder()

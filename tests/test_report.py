@@ -84,7 +84,7 @@ def test_config_versions_and_timings_are_reported(report):
     assert html.escape(", ".join(f"{k} {v}" for k, v in run["versions"].items())) in page
     assert "<th>Hardware</th>" in page
     assert f"<td>{run['timings']['total_s']:.1f}</td>" in page
-    assert "Sweep over lam for ewc: chosen 100." in page
+    assert "Sweep over lam for ewc: chosen 100, the highest validation accuracy of" in page
 
 
 def test_text_from_results_is_escaped(report):
@@ -203,3 +203,71 @@ def test_the_training_loss_is_drawn_beside_the_accuracy_curves(tmp_path):
     assert len(IMG.findall(section)) == 2
     assert "Test accuracy on every task during training" in section
     assert "Training loss, same runs: the task&#x27;s cross-entropy (solid)" in section
+
+
+# --------------------------------------------------------------------------- the result first
+
+
+def _two_tasks(run: dict[str, Any], kept: float, learned: float) -> dict[str, Any]:
+    """``run`` cut to two tasks, Fashion-MNIST then MNIST, with the final accuracies given."""
+    run = json.loads(json.dumps(run))
+    run["task_names"] = ["fashion-mnist", "mnist"]
+    run["accuracy_matrix"] = [[0.8, 0.1], [kept, learned]]
+    run["random_init_accuracy"] = [0.1, 0.1]
+    run.pop("curves", None)
+    run.pop("importance", None)
+    return run
+
+
+def test_the_report_states_its_result_in_one_sentence_first(tmp_path):
+    """The takeaway — the strategy, its λ, what it kept against naive fine-tuning and at what
+    cost — opens both files, before any table or metric."""
+    ewc_run, naive_run = (_load(p) for p in (RUNS[0], RUNS[2]))
+    assert (ewc_run["strategy"], naive_run["strategy"]) == ("ewc", "naive")
+    ewc_run["config"]["lam"] = 3000.0
+    runs = [_two_tasks(ewc_run, 0.69, 0.96), _two_tasks(naive_run, 0.41, 0.97)]
+    html_path, md_path = write_report(runs, tmp_path / "r.html")
+    sentence = (
+        "ewc (λ = 3000) kept fashion-mnist at 69.0 % against 41.0 % without it (naive "
+        "fine-tuning), at a cost of 1.0 point on mnist (96.0 % against 97.0 %)."
+    )
+    markdown = md_path.read_text(encoding="utf-8")
+    assert markdown.splitlines()[2] == f"**{sentence}**"  # right under the title
+    page = html_path.read_text(encoding="utf-8")
+    assert page.index(html.escape(sentence)) < page.index("<table>")
+    assert markdown.index("In plain words: ACC is") < markdown.index("| Strategy | Runs | ACC")
+
+
+def test_each_strategys_lambda_is_shown_outside_the_configuration(report):
+    page, markdown = report[2], report[1].read_text(encoding="utf-8")
+    assert "| Strategy | λ |" in markdown and "| ewc | 100 |" in markdown
+    settings = page.index("<h2>Settings</h2>")
+    assert settings < page.index("<h2>Configuration</h2>")
+    assert "<td>ewc</td><td>100</td>" in page[settings:]
+    assert "Shared by every run: benchmark permuted-digits, scenario domain" in markdown
+
+
+def test_a_run_on_part_of_the_data_says_so_in_title_and_intro(tmp_path):
+    """The demo's --fast (10,000 samples a task) is named, so its numbers are not compared with
+    the full protocol's."""
+    runs = [_load(p) for p in RUNS]
+    for run in runs:
+        run["config"]["max_train_samples"] = 10000
+    html_path, md_path = write_report(runs, tmp_path / "r.html")
+    markdown = md_path.read_text(encoding="utf-8")
+    title = "Continual learning report — 10,000 training samples a task"
+    assert markdown.startswith(f"# {title}\n")
+    assert f"<title>{title}</title>" in html_path.read_text(encoding="utf-8")
+    assert "Each task trained on 10,000 of its training samples" in markdown
+    assert "not comparable with the full protocol's numbers" in markdown
+
+
+def test_a_sweep_report_opens_with_its_choice_and_table(report):
+    page, markdown = report[2], report[1].read_text(encoding="utf-8")
+    lead = markdown.splitlines()[2]
+    assert lead.startswith("**Sweep over lam for ewc: chosen 100, the highest validation")
+    assert "1 runs" not in markdown and "4 runs of ewc, naive" in markdown
+    assert markdown.index("## Sweep") < markdown.index("## Final accuracy per task")
+    assert page.index("<h2>Sweep</h2>") < page.index("<h2>Final accuracy per task</h2>")
+    sweep = page[page.index("<h2>Sweep</h2>") :]
+    assert sweep.index("<table>") < sweep.index("<img")  # the λ table above its figures

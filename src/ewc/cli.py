@@ -42,7 +42,7 @@ from ewc.runner import (
     sweep,
     sweep_configs,
 )
-from ewc.tables import markdown_table, metrics_table
+from ewc.tables import markdown_table, metrics_table, takeaway
 
 DEMO_STRATEGIES = ("naive", "ewc")
 DEMO_BENCHMARK = "fashion-mnist-to-mnist"
@@ -345,15 +345,20 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return markdown_table(metrics_table(results))
 
 
+def _print_results(results: Sequence[dict[str, Any]]) -> None:
+    """The metrics table, then the result in one sentence (:func:`ewc.tables.takeaway`)."""
+    print(format_table(results))
+    print(takeaway(results))
+
+
 def _finish(
     results: list[dict[str, Any]],
     out_dir: Path,
     args: argparse.Namespace,
     sweep_summary: dict[str, Any] | None = None,
 ) -> None:
-    table = format_table(results)
-    print(table)
-    atomic_write_text(out_dir / "summary.md", table + "\n")
+    _print_results(results)
+    atomic_write_text(out_dir / "summary.md", format_table(results) + "\n")
     if not getattr(args, "no_report", False):
         from ewc.report import write_report
 
@@ -372,7 +377,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     progress, resume = not args.quiet, not args.fresh
     result = run_and_save(config, args.out, progress, resume, log_dir=args.log_dir)
     print(f"results: {_shown(args.out)}")
-    print(format_table([result]))
+    _print_results([result])
     if not args.no_report:
         from ewc.report import write_report
 

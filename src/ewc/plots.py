@@ -51,6 +51,8 @@ PALETTE = (
     "#F0E442",  # yellow
 )
 STEPS_LABEL = "optimizer steps"
+#: Panels of accuracy curves in a row; more strategies take more rows, each panel readable.
+CURVE_COLUMNS = 3
 ACCURACY_LABEL = "test accuracy (%)"
 LOSS_LABEL = "training loss (log scale)"
 
@@ -95,19 +97,25 @@ def _pct(values: Any) -> np.ndarray:
 def plot_accuracy_curves(results: Results | Sequence[Results]) -> Figure:
     """Each task's test accuracy over the whole sequence: the classic forgetting figure.
 
-    One panel per strategy (sharing the y axis), drawn from that strategy's lowest seed; task
-    spans are shaded and named, task boundaries drawn as dashed lines.
+    One panel per strategy (sharing the y axis), drawn from that strategy's lowest seed, at most
+    :data:`CURVE_COLUMNS` to a row; task spans are shaded and named, task boundaries drawn as
+    dashed lines.
     """
     runs = [group[0] for group in group_by_strategy(_as_list(results)).values()]
     missing = [r["strategy"] for r in runs if not r.get("curves")]
     if missing:
         raise ValueError(f"no accuracy curves recorded for {missing}")
-    fig = Figure(figsize=(4.8 * len(runs) + 1.8, 3.8), layout="constrained")
-    axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
-    for ax, run in zip(axes, runs, strict=True):
+    columns = min(len(runs), CURVE_COLUMNS)
+    rows = -(-len(runs) // columns)
+    fig = Figure(figsize=(4.8 * columns + 1.8, 3.8 * rows), layout="constrained")
+    grid = fig.subplots(rows, columns, sharey=True, squeeze=False)
+    for ax, run in zip(grid.flat, runs, strict=False):
         _draw_curves(ax, run)
-    axes[0].set_ylabel(ACCURACY_LABEL)
-    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="evaluated on")
+    for ax in grid.flat[len(runs) :]:
+        ax.set_visible(False)  # the last row's empty places
+    for row in grid:
+        row[0].set_ylabel(ACCURACY_LABEL)
+    grid[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), title="evaluated on")
     fig.suptitle(f"Accuracy on every task during training — {runs[0]['benchmark']}")
     return fig
 
@@ -153,15 +161,18 @@ def plot_training_loss(results: Results | Sequence[Results]) -> Figure:
     ax = fig.add_subplot()
     for start in runs[0]["curves"]["task_boundaries"][1:]:
         ax.axvline(start, color="0.35", ls="--", lw=0.8)
-    for run in runs:
+    for i, run in enumerate(runs):
         curves, line_color = run["curves"], strategy_color(run["strategy"])
+        # Strategies train alike until the first penalty: each line is drawn thinner than the
+        # one before and on top of it, so that a curve hidden under another's shows as its rim.
+        width = 1.4 + 1.6 * (len(runs) - 1 - i)
         for key, style, what in (("loss", "-", "cross-entropy"), ("penalty", "--", "penalty")):
             values = curves.get(key) or [None] * len(curves["step"])  # naive: no penalty
             points = [(s, v) for s, v in zip(curves["step"], values, strict=True) if v]
             if points:
                 steps, values = zip(*points, strict=True)
                 label = f"{run['strategy']}: {what}"
-                ax.plot(steps, values, style, color=line_color, lw=1.4, label=label)
+                ax.plot(steps, values, style, color=line_color, lw=width, label=label, zorder=2 + i)
     ax.set_yscale("log")
     ax.set(xlabel=STEPS_LABEL, ylabel=LOSS_LABEL)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
@@ -327,6 +338,7 @@ def plot_frontier(
     published result); ``data``: which accuracies these are (test, validation)."""
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
+    labels = 0  # λ labels drawn so far: they alternate above and below their points
     for strategy in dict.fromkeys(p.strategy for p in points):
         mine = [p for p in points if p.strategy == strategy]
         x, y = _pct([p.new.mean for p in mine]), _pct([p.old.mean for p in mine])
@@ -339,18 +351,22 @@ def plot_frontier(
         label = f"{strategy} ({seeds} seed{'s' if seeds > 1 else ''})"
         ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt="-o", color=ink, capsize=3, ms=5, label=label)
         for p, xi, yi in zip(mine, x, y, strict=True):
-            if p.lam is not None:
+            if p.lam is not None:  # clear of the marker and its error bars
+                above, labels = labels % 2 == 0, labels + 1
                 ax.annotate(
                     f"λ={p.lam:g}",
                     (xi, yi),
-                    xytext=(5, 4),
+                    xytext=(9, 9 if above else -9),
                     textcoords="offset points",
+                    va="bottom" if above else "top",
                     fontsize=8,
                     color=ink,
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.7),
+                    zorder=4,
                 )
     for i, (name, (new, old)) in enumerate((references or {}).items()):
         marker = "*PXD"[i % 4]
-        ax.plot(100 * new, 100 * old, marker, ms=12, color=REFERENCE_COLOR, label=name)
+        ax.plot(100 * new, 100 * old, marker, ms=12, color=REFERENCE_COLOR, label=name, zorder=5)
     ax.set(
         xlabel=f"last task: {data} accuracy after learning it (%)",
         ylabel=f"earlier tasks: {data} accuracy kept after the last (%)",

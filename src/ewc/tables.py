@@ -116,3 +116,106 @@ def markdown_table(table: Table) -> str:
         return "| " + " | ".join(md(c).replace("|", "\\|") for c in cells) + " |"
 
     return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)])
+
+
+# --------------------------------------------------------------------------- in words
+
+#: Strategies a comparison measures the others against: no protection, and the upper bound
+#: that trains on every task at once.
+BASELINES = ("naive", "joint")
+#: Settings that belong to a strategy (its strength and options), shown per strategy.
+STRATEGY_FIELDS = ("lam", "gamma", "xi", "fisher", "fisher_samples", "penalty")
+#: Settings that vary per run or say nothing about the training itself.
+_NOT_SHARED = ("strategy", "seed", "extra", "note", *STRATEGY_FIELDS)
+
+
+def _settings(run: Results) -> Mapping[str, Any]:
+    """The settings that apply to ``run`` (``settings``), else its whole config (older files)."""
+    return run.get("settings") or run.get("config", {})
+
+
+def _value(value: Any) -> str:
+    """A setting as the command line takes it: ``[100, 100]`` -> ``100,100``, ``1e4`` ->
+    ``10000``."""
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def takeaway(runs: Sequence[Results]) -> str:
+    """The result in one sentence, in the tasks' names: the best strategy (by average accuracy
+    after the last task, baselines aside) against naive fine-tuning — the earlier tasks kept
+    and the last one learned, with its λ — or, without naive, against the other strategies."""
+    stats = final_accuracy_by_strategy(runs)
+    names = runs[0]["task_names"]
+    groups = group_by_strategy(runs)
+
+    def kept(s: str) -> float:  # the earlier tasks' accuracy after the last, in %
+        return 100 * float(np.mean([m.mean for m in stats[s][:-2]]))
+
+    def learned(s: str) -> float:  # the last task's accuracy after learning it, in %
+        return 100 * stats[s][-2].mean
+
+    candidates = [s for s in stats if s not in BASELINES] or list(stats)
+    best = max(candidates, key=lambda s: stats[s][-1].mean)
+    lam = _settings(groups[best][0]).get("lam")
+    who = best + (f" (λ = {_value(lam)})" if lam is not None else "")
+    seeds = len(groups[best])
+    over = f", mean of {seeds} seeds" if seeds > 1 else ""
+    if len(names) == 1:
+        return f"{who} reached {learned(best):.1f} % on {names[0]}{over}."
+    earlier = names[0] if len(names) == 2 else f"the first {len(names) - 1} tasks"
+    mean = "" if len(names) == 2 else " on average"
+    last = names[-1]
+    if "naive" not in stats or best == "naive":
+        others = ", ".join(f"{s} {100 * stats[s][-1].mean:.1f} %" for s in stats if s != best)
+        versus = f" (average over the tasks; {others})" if others else ""
+        return (
+            f"{who} kept {earlier} at {kept(best):.1f} %{mean} after learning {last} "
+            f"({learned(best):.1f} %){over}{versus}."
+        )
+    gain = learned(best) - learned("naive")
+    both = f"({learned(best):.1f} % against {learned('naive'):.1f} %)"
+    if gain <= -0.05:
+        cost = (
+            f"at a cost of {-gain:.1f} point{'' if round(-gain, 1) == 1 else 's'} on {last} {both}"
+        )
+    elif gain >= 0.05:
+        cost = f"and learned {last} better too {both}"
+    else:
+        cost = f"and learned {last} as well ({learned(best):.1f} %)"
+    return (
+        f"{who} kept {earlier} at {kept(best):.1f} %{mean} against {kept('naive'):.1f} % "
+        f"without it (naive fine-tuning), {cost}{over}."
+    )
+
+
+def strategy_settings_table(runs: Sequence[Results]) -> Table:
+    """Header and rows: per strategy, its strength λ and its other settings (γ, ξ, the Fisher,
+    the penalty path); ``–`` where a setting does not apply."""
+    groups = group_by_strategy(runs)
+    fields = [f for f in STRATEGY_FIELDS if any(f in _settings(r) for r in runs)]
+    header = ["Strategy", *("λ" if f == "lam" else f for f in fields)]
+    rows = [
+        [s, *(_value(_settings(g[0])[f]) if f in _settings(g[0]) else "–" for f in fields)]
+        for s, g in groups.items()
+    ]
+    return header, rows
+
+
+def shared_settings(runs: Sequence[Results]) -> str:
+    """The settings every run shares (model, length, batch, optimizer, ...), as one line."""
+    first = _settings(runs[0])
+    shared = {
+        k: v
+        for k, v in first.items()
+        if k not in _NOT_SHARED and all(_settings(r).get(k) == v for r in runs)
+    }
+    return ", ".join(f"{k} {_value(v)}" for k, v in shared.items())
+
+
+def sample_cap(runs: Sequence[Results]) -> int | None:
+    """The training samples a task all runs were capped at (``max_train_samples``: the demo's
+    ``--fast``), else None."""
+    caps = {r.get("config", {}).get("max_train_samples") for r in runs}
+    return caps.pop() if len(caps) == 1 and None not in caps else None
