@@ -149,6 +149,30 @@ def test_a_mistyped_option_is_named_with_the_closest_one(argv, message, capsys, 
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["rnu", "--out", "x.json"], "invalid choice: 'rnu'"),
+        (["run", "--strategy", "ewcc"], "unknown strategy 'ewcc' (did you mean 'ewc'?)"),
+        (["run", "--benchmark", "split-mnsit"], "(did you mean 'split-mnist'?)"),
+        (["compare", "--strategies", "naive,onlin-ewc"], "(did you mean 'online-ewc'?)"),
+        (["run", "--scenario", "clas"], "(did you mean 'class'?)"),
+    ],
+)
+def test_a_mistyped_value_is_named_with_the_closest_choice(argv, message, capsys, tmp_path):
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "out.json")]
+    try:
+        code = main([*argv, *out])
+    except SystemExit as e:  # argparse's own errors (the command)
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    if argv[0] == "rnu":
+        assert "(did you mean 'run'?)" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
         (
             ["compare", "--seed", "0,1"],
             "--seed takes one value, got '0,1'; for several: --seeds 0,1",

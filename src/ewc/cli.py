@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 
 from ewc import __version__
 from ewc._optional import MissingExtraError, MissingExtraWarning, require
-from ewc.config import read_config_file
+from ewc.config import did_you_mean, read_config_file
 from ewc.data.sources import DataNotFoundError, find_datasets
 from ewc.data.streams import BENCHMARKS
 from ewc.fisher import KINDS as FISHER_KINDS
@@ -117,6 +118,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``ewc run: error: ...``), exit code 2."""
 
     def error(self, message: str) -> NoReturn:
+        typo = re.search(r"invalid choice: '?([^' ]*)'? \(choose from (.*)\)", message)
+        if typo:  # a mistyped command (or choice): name the closest
+            choices = [c.strip(" '") for c in typo.group(2).split(",")]
+            message += did_you_mean(typo.group(1), choices)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

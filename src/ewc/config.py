@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import os
 import reprlib
 import sys
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +109,12 @@ def check_fields(obj: Any) -> None:
             kind = "an integer" if isinstance(items[0], int) else "a finite number"
             raise ConfigError(f"{f.name}: expected {kind} {limits}, got {_show(value)}")
         setattr(obj, f.name, value)
+
+
+def did_you_mean(value: Any, choices: Iterable[Any]) -> str:
+    """``" (did you mean 'ewc'?)"`` for the choice closest to a mistyped ``value``, else ``""``."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_device(name: str) -> torch.device:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ewc.config import ConfigError
+from ewc.config import ConfigError, did_you_mean
 from ewc.data.datasets import TensorPair, load_dataset
 from ewc.data.sources import find_datasets
 
@@ -351,6 +351,16 @@ def _units(label_sets: list[list[int]], scenario: str) -> tuple[list[list[int]],
     return units, offsets[-1]
 
 
+def check_benchmark(benchmark: str) -> None:
+    """Raise :class:`ConfigError` naming the closest benchmark unless ``benchmark`` is one of
+    :data:`BENCHMARKS`."""
+    if benchmark not in BENCHMARKS:
+        raise ConfigError(
+            f"Unknown benchmark {benchmark!r}{did_you_mean(benchmark, BENCHMARKS)}; choose one "
+            f"of {sorted(BENCHMARKS)}."
+        )
+
+
 def make_stream(
     benchmark: str,
     scenario: str | None = None,
@@ -379,8 +389,7 @@ def make_stream(
         choosing hyperparameters); test data is never touched.
     download : allow downloading missing files.
     """
-    if benchmark not in BENCHMARKS:
-        raise ValueError(f"Unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}.")
+    check_benchmark(benchmark)
     spec = BENCHMARKS[benchmark]
     scenario = spec.default_scenario if scenario is None else scenario
     _check_scenario(scenario, spec.scenarios)

@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from ewc.config import ConfigError, check_device, check_fields
-from ewc.data.streams import BENCHMARKS
+from ewc.config import ConfigError, check_device, check_fields, did_you_mean
+from ewc.data.streams import BENCHMARKS, check_benchmark
 from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.models import MODEL_NAMES
 from ewc.regularizers import REGULARIZERS, Regularizer, make_regularizer
@@ -116,7 +116,10 @@ class RunConfig:
 
 def choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+        raise ConfigError(
+            f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of "
+            f"{', '.join(map(str, choices))}"
+        )
 
 
 def resolve_config(config: RunConfig, own_stream: bool = False) -> RunConfig:
@@ -128,8 +131,10 @@ def resolve_config(config: RunConfig, own_stream: bool = False) -> RunConfig:
     :data:`DEFAULT_BENCHMARK`'s; with ``own_stream`` (a stream of your own), the generic
     protocol (:data:`GLOBAL_DEFAULTS`), the benchmark left unset.
     """
-    if config.benchmark is None and not own_stream:
-        config = dataclasses.replace(config, benchmark=DEFAULT_BENCHMARK)
+    if not own_stream:  # a stream of one's own may take any name (or none)
+        benchmark = config.benchmark or DEFAULT_BENCHMARK
+        check_benchmark(benchmark)
+        config = dataclasses.replace(config, benchmark=benchmark)
     choice("strategy", config.strategy, STRATEGIES)
     if config.epochs is not None and config.iterations is not None:
         raise ConfigError(
