@@ -39,11 +39,10 @@ from ewc.runner import (
     describe_protocol,
     resolve_config,
     run_and_save,
-    setting_text,
     sweep,
     sweep_configs,
 )
-from ewc.tables import markdown_table, metrics_table, takeaway
+from ewc.tables import markdown_table, metrics_table, setting_text, takeaway
 
 DEMO_STRATEGIES = ("naive", "ewc")
 DEMO_BENCHMARK = "fashion-mnist-to-mnist"
@@ -285,14 +284,15 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _announce(
-    command: str, configs: Sequence[RunConfig], values: Mapping[str, Any], varied: str
+    command: str, configs: Sequence[RunConfig], args: argparse.Namespace, varied: str
 ) -> None:
     """Say what will run, before it runs: each strategy with every setting it takes (but the
     ``varied`` one, said in ``command``), and the benchmark or strategy taken by default, not
     given (nothing hidden)."""
-    benchmark = f"{configs[0].benchmark}{_default_mark('benchmark', values)}"
+    given = _run_values(args)
+    benchmark = f"{configs[0].benchmark}{_default_mark('benchmark', given)}"
     for cfg in configs:
-        mark = "" if len(configs) > 1 else _default_mark("strategy", values)
+        mark = "" if len(configs) > 1 else _default_mark("strategy", given)
         settings = applicable_settings(cfg)
         shown = ", ".join(
             f"{k} {setting_text(v)}"
@@ -374,11 +374,10 @@ def _finish(
 def _cmd_run(args: argparse.Namespace) -> None:
     if args.out.suffix != ".json":
         raise UsageError(f"--out must name a .json file, got {str(args.out)!r}")
-    values = _run_values(args)
-    config = resolve_config(RunConfig.from_dict(values))
+    config = _run_config(args)
     reports = [] if args.no_report else [args.out.with_suffix(".html"), args.out.with_suffix(".md")]
     _check_outputs(args, [args.out, *reports])
-    _announce("run", [config], values, varied="")
+    _announce("run", [config], args, varied="")
     progress, resume = not args.quiet, not args.fresh
     result = run_and_save(config, args.out, progress, resume, log_dir=args.log_dir)
     print(f"results: {_shown(args.out)}")
@@ -397,7 +396,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     base = RunConfig.from_dict(values)
     configs = compare_configs(base, strategies, seeds)[: len(strategies)]  # the first seed's
     _check_out_folder(args)
-    _announce(f"compare (seeds {','.join(seeds)})", configs, values, varied="seed")
+    _announce(f"compare (seeds {','.join(seeds)})", configs, args, varied="seed")
     results = compare(
         base,
         strategies,
@@ -412,11 +411,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
     grid = _items(args.grid, "--grid")
-    values = _run_values(args)
-    config = resolve_config(RunConfig.from_dict(values))
+    config = _run_config(args)
     first = sweep_configs(config, grid, args.param, args.val_fraction)[0]
     _check_out_folder(args)
-    _announce(f"sweep ({args.param} {','.join(grid)})", [first], values, varied=args.param)
+    _announce(f"sweep ({args.param} {','.join(grid)})", [first], args, varied=args.param)
     summary = sweep(
         config,
         grid,
@@ -548,9 +546,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        _check_single_values(args)
-        _require_extras(args)
-        COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # filters set by _require_extras last one command
+            _check_single_values(args)
+            _require_extras(args)
+            COMMANDS[args.command](args)
     except (UsageError, ValueError, OSError, MissingExtraError, MemoryError, RuntimeError) as e:
         if os.environ.get("EWC_DEBUG") or (isinstance(e, RuntimeError) and not _out_of_memory(e)):
             raise

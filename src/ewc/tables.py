@@ -134,9 +134,9 @@ def _settings(run: Results) -> Mapping[str, Any]:
     return run.get("settings") or run.get("config", {})
 
 
-def _value(value: Any) -> str:
-    """A setting as the command line takes it: ``[100, 100]`` -> ``100,100``, ``1e4`` ->
-    ``10000``."""
+def setting_text(value: Any) -> str:
+    """A setting's value as the command line takes it: ``[100, 100]`` -> ``100,100``,
+    ``20.0`` -> ``20``, ``1e4`` -> ``10000``."""
     if isinstance(value, list | tuple):
         return ",".join(map(str, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -159,7 +159,7 @@ def takeaway(runs: Sequence[Results]) -> str:
     candidates = [s for s in stats if s not in BASELINES] or list(stats)
     best = max(candidates, key=lambda s: stats[s][-1].mean)
     lam = _settings(groups[best][0]).get("lam")
-    who = best + (f" (λ = {_value(lam)})" if lam is not None else "")
+    who = best + (f" (λ = {setting_text(lam)})" if lam is not None else "")
     seeds = len(groups[best])
     over = f", mean of {seeds} seeds" if seeds > 1 else ""
     if len(names) == 1:
@@ -197,7 +197,7 @@ def strategy_settings_table(runs: Sequence[Results]) -> Table:
     fields = [f for f in STRATEGY_FIELDS if any(f in _settings(r) for r in runs)]
     header = ["Strategy", *("λ" if f == "lam" else f for f in fields)]
     rows = [
-        [s, *(_value(_settings(g[0])[f]) if f in _settings(g[0]) else "–" for f in fields)]
+        [s, *(setting_text(_settings(g[0])[f]) if f in _settings(g[0]) else "–" for f in fields)]
         for s, g in groups.items()
     ]
     return header, rows
@@ -211,7 +211,7 @@ def shared_settings(runs: Sequence[Results]) -> str:
         for k, v in first.items()
         if k not in _NOT_SHARED and all(_settings(r).get(k) == v for r in runs)
     }
-    return ", ".join(f"{k} {_value(v)}" for k, v in shared.items())
+    return ", ".join(f"{k} {setting_text(v)}" for k, v in shared.items())
 
 
 def sample_cap(runs: Sequence[Results]) -> int | None:

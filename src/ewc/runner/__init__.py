@@ -25,7 +25,6 @@ from ewc.runner.config import (
     applicable_settings,
     describe_protocol,
     resolve_config,
-    setting_text,
     unused_settings,
 )
 from ewc.runner.experiments import (
@@ -70,7 +69,6 @@ __all__ = [
     "result_path",
     "run",
     "run_and_save",
-    "setting_text",
     "sweep",
     "sweep_configs",
     "unused_settings",

@@ -26,6 +26,7 @@ from ewc.runner.protocols import (
     REGULARIZED,
     STRATEGIES,
 )
+from ewc.tables import setting_text
 
 
 @dataclass
@@ -245,14 +246,6 @@ def applicable_settings(
     if cfg.val_fraction == 0:
         unused |= {"val_fraction", "evaluate_on"}
     return {k: v for k, v in settings.items() if k not in unused and v is not None and v != {}}
-
-
-def setting_text(value: Any) -> str:
-    """A setting's value as the command line takes it: ``[100, 100]`` -> ``100,100``,
-    ``20.0`` -> ``20``."""
-    if isinstance(value, list | tuple):
-        return ",".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def describe_protocol(benchmark: str) -> str:

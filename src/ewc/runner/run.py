@@ -32,7 +32,6 @@ from ewc.runner.config import (
     applicable_settings,
     build_regularizer,
     resolve_config,
-    setting_text,
 )
 from ewc.runner.importance import importance_summary
 from ewc.runner.masks import Masks
@@ -46,6 +45,7 @@ from ewc.runner.task import (
     n_steps,
     stage_data,
 )
+from ewc.tables import setting_text
 
 #: The partial results that :func:`run` keeps in its checkpoints.
 _RUN_STATE = ("random_init", "matrix", "importance", "timings", "step", "curves")
