@@ -46,6 +46,7 @@ from ewc.tables import markdown_table, metrics_table, setting_text, takeaway
 
 DEMO_STRATEGIES = ("naive", "ewc")
 DEMO_BENCHMARK = "fashion-mnist-to-mnist"
+DEMO_FAST_SAMPLES = 10000  # training samples a task with --fast
 #: The demo's offline stand-in for its benchmark when the data are missing: the same comparison
 #: on scikit-learn's digits, the second task with its pixels permuted, one shared head. λ was
 #: chosen on validation for these two tasks (docs/results.md), not the 5-task benchmark's default.
@@ -200,8 +201,9 @@ def _add_log_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-dir",
         type=Path,
-        help="write loss, penalty and accuracy there while training runs: TensorBoard event "
-        "files and scalars.csv (one subfolder per run for compare and demo)",
+        help="write loss, penalty and accuracy there while training runs: scalars.csv and, "
+        "with the tensorboard extra, TensorBoard event files (one subfolder per run for "
+        "compare and demo)",
     )
 
 
@@ -248,12 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fashion-MNIST then MNIST with the seed's CNN, naive vs EWC. Without the "
         "data (and no network), runs the same comparison on the offline permuted-digits stream.",
     )
-    p.add_argument("--fast", action="store_true", help="a quick version: fewer samples")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help=f"a quick version: {DEMO_FAST_SAMPLES:,} training samples a task instead of all "
+        "(60,000); its report says so",
+    )
     p.add_argument("--data-dir", default=None, help="folder with MNIST-format files")
     p.add_argument("--threads", type=_threads, help="torch CPU threads")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)"
+    )
     _add_log_dir(p)
 
     p = sub.add_parser("report", help="HTML + Markdown report from results files")
@@ -450,7 +459,7 @@ def _demo_config(args: argparse.Namespace) -> RunConfig:
         benchmark=DEMO_BENCHMARK,
         data_dir=args.data_dir,
         download=not args.no_download,
-        max_train_samples=10000 if args.fast else None,
+        max_train_samples=DEMO_FAST_SAMPLES if args.fast else None,
     )
 
 
