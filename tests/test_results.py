@@ -53,7 +53,10 @@ def _with(**changes: Any) -> dict[str, Any]:
         (_with(accuracy_matrix=[[0.5]]), "'accuracy_matrix' should be 3 x 3 for 3 task names"),
         (_with(accuracy_matrix=[[0.5, 2.0, 0.5]] * 3), r"'accuracy_matrix\[0\]\[1\]' should be"),
         (_with(metrics={"acc": 0.5}), "key 'metrics.bwt' is missing"),
-        (_with(curves={"step": [0], "task_boundaries": [0], "accuracy": []}), "'curves.accuracy'"),
+        (
+            _with(curves={"step": [0], "task_boundaries": [0, 0, 0], "accuracy": []}),
+            "'curves.accuracy'",
+        ),
         ([1, 2], "not an ewc results file"),
         ({"schema": "ewc.sweep/1", "points": [{"value": 1}]}, r"'points\[0\]' has neither"),
     ],

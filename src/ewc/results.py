@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
-import reprlib
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +20,8 @@ from typing import Any
 
 from ewc import distributed
 from ewc.config import Range
+from ewc.metrics import compute_metrics
+from ewc.readback import DamagedFileError, mismatch, read_json, short
 
 RESULTS_SCHEMA = "ewc.results/1"
 SWEEP_SCHEMA = "ewc.sweep/1"
@@ -95,7 +97,7 @@ def save_results(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pat
     return atomic_write_text(path, json.dumps(result, indent=1, allow_nan=False) + "\n")
 
 
-class ResultsError(ValueError):
+class ResultsError(DamagedFileError):
     """A results or sweep file that is not one of ours, or is malformed; names the file and key."""
 
 
@@ -103,19 +105,7 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a results (or sweep) JSON file, checking that it is one of ours and that every key
     the summaries and the report read is there, of the right type, shape and range
     (:func:`check_results`). Raises :class:`ResultsError` (or FileNotFoundError) naming it."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"results file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ResultsError(f"cannot read results file {str(path)!r}: {e}") from None
-    try:
-        data = json.loads(text, parse_constant=_no_constant)
-    except RecursionError:
-        raise ResultsError(f"{str(path)!r} is nested too deeply to be a results file") from None
-    except ValueError as e:
-        raise ResultsError(f"{str(path)!r} is not valid JSON ({e}); rerun the experiment") from None
+    data = read_json(path, "results file", ResultsError)
     check_results(data, str(path))
     return data
 
@@ -126,31 +116,21 @@ def check_results(data: Any, source: str = "results") -> None:
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema not in (RESULTS_SCHEMA, SWEEP_SCHEMA):
         raise ResultsError(
-            f"{source!r} is not an ewc results file (schema {_short(schema)}, expected "
+            f"{source!r} is not an ewc results file (schema {short(schema)}, expected "
             f"{RESULTS_SCHEMA!r} or {SWEEP_SCHEMA!r})"
         )
-    problem = _mismatch(data, _RESULTS if schema == RESULTS_SCHEMA else _SWEEP, "")
+    problem = mismatch(data, RESULTS_SPEC if schema == RESULTS_SCHEMA else _SWEEP)
     if problem is None:
         problem = _results_shapes(data) if schema == RESULTS_SCHEMA else _sweep_shapes(data)
     if problem is not None:
         raise ResultsError(f"{source!r} is malformed: {problem}; rerun the experiment")
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _short(value: Any) -> str:
-    return reprlib.repr(value)
-
-
-# A spec is a type (or tuple of types), a Range (a finite number in it), [spec] (a list of such
-# items), {key: spec} (a mapping with these keys; "key?" optional; other keys allowed) or
-# {"*": spec} (a mapping whose every value matches).
+# The schemas, in the spec language of :func:`ewc.readback.mismatch`.
 _NUMBER = Range()
 _FRACTION = Range(0, 1)
 _CHANGE = (Range(-1, 1), type(None))  # BWT, FWT, forgetting: None for a single task
-_RESULTS: dict[str, Any] = {
+RESULTS_SPEC: dict[str, Any] = {
     "strategy": str,
     "seed": int,
     "benchmark": str,
@@ -183,12 +163,14 @@ _SWEEP: dict[str, Any] = {
     "param?": str,
     "strategy?": str,
     "benchmark?": str,
+    "grid?": [_NUMBER],
     "chosen?": _NUMBER,
     "final?": str,
     "points": [
         {
             "value": _NUMBER,
             "error?": str,
+            "diverged?": bool,
             "val_acc?": _FRACTION,
             "val_old_acc?": _FRACTION,
             "val_new_acc?": _FRACTION,
@@ -198,58 +180,35 @@ _SWEEP: dict[str, Any] = {
 _SWEEP_ACCURACIES = ("val_acc", "val_old_acc", "val_new_acc")
 
 
-def _mismatch(value: Any, spec: Any, where: str) -> str | None:
-    """Where ``value`` first departs from ``spec`` and how, or None."""
-    if isinstance(spec, dict):
-        if not isinstance(value, dict):
-            return f"{where or 'the document'} should be a mapping, not {_short(value)}"
-        keys = (
-            [(k, spec["*"], False) for k in value]
-            if list(spec) == ["*"]
-            else [(k.rstrip("?"), item, k.endswith("?")) for k, item in spec.items()]
-        )
-        for name, item, optional in keys:
-            if name not in value:
-                if optional:
-                    continue
-                return f"key {where + name!r} is missing"
-            problem = _mismatch(value[name], item, f"{where}{name}.")
-            if problem is not None:
-                return problem
-        return None
-    where = where.rstrip(".")
-    if isinstance(spec, list):
-        if not isinstance(value, list):
-            return f"{where!r} should be a list, not {_short(value)}"
-        return next(
-            (p for i, v in enumerate(value) if (p := _mismatch(v, spec[0], f"{where}[{i}]."))),
-            None,
-        )
-    specs = spec if isinstance(spec, tuple) else (spec,)
-    if any(_matches(value, s) for s in specs):
-        return None
-    return f"{where!r} should be {' or '.join(map(_describe, specs))}, not {_short(value)}"
-
-
-def _matches(value: Any, spec: Any) -> bool:
-    if isinstance(value, bool) and spec is not bool:
-        return False  # JSON true is not a number
-    if isinstance(spec, Range):
-        return isinstance(value, int | float) and value in spec
-    return isinstance(value, spec)
-
-
-def _describe(spec: Any) -> str:
-    if isinstance(spec, Range):
-        return f"a number {spec}".rstrip()
-    return {str: "a string", int: "an integer", type(None): "null"}.get(spec, spec.__name__)
-
-
 def _sweep_shapes(data: dict[str, Any]) -> str | None:
-    """Each sweep point either failed (``error``) or has its three validation accuracies."""
-    for i, point in enumerate(data["points"]):
+    """Each sweep point either failed (``error``) or has its three validation accuracies; the
+    points are the grid's values, in order; the chosen value is the finished point of highest
+    validation accuracy."""
+    points = data["points"]
+    if not points:
+        return "'points' is empty"
+    for i, point in enumerate(points):
         if "error" not in point and not all(k in point for k in _SWEEP_ACCURACIES):
             return f"'points[{i}]' has neither an error nor {', '.join(_SWEEP_ACCURACIES)}"
+        if point.get("diverged") and "error" not in point:
+            return f"'points[{i}]' diverged but has no error"
+    values = [p["value"] for p in points]
+    if "grid" in data and data["grid"] != values:
+        return f"'points' are at {short(values)}, not at the 'grid' {short(data['grid'])}"
+    if len(set(values)) != len(values):
+        return f"'points' holds a value twice ({short(values)})"
+    if "chosen" not in data:
+        return None
+    finished = [p for p in points if "error" not in p]
+    best = max((p["val_acc"] for p in finished), default=None)
+    chosen = next((p for p in points if p["value"] == data["chosen"]), None)
+    if chosen is None:
+        return f"'chosen' {short(data['chosen'])} is not one of the points {short(values)}"
+    if "error" in chosen or chosen["val_acc"] != best:
+        return (
+            f"'chosen' {short(data['chosen'])} is not the finished point of highest 'val_acc' "
+            f"({short(best)})"
+        )
     return None
 
 
@@ -261,8 +220,20 @@ def _results_shapes(data: dict[str, Any]) -> str | None:
         return f"'accuracy_matrix' should be {t} x {t} for {t} task names"
     if len(data["random_init_accuracy"]) != t:
         return f"'random_init_accuracy' should hold {t} accuracies"
+    problem = _metrics_disagree(data["metrics"], rows, data["random_init_accuracy"])
+    if problem is not None:
+        return problem
+    config = data["config"]
+    for key in ("strategy", "seed"):
+        if key in config and config[key] != data[key]:
+            return f"{key!r} is {short(data[key])} but 'config.{key}' is {short(config[key])}"
     curves = data.get("curves")
     if curves:
+        if len(curves["task_boundaries"]) != t:
+            return f"'curves.task_boundaries' should hold {t} steps, one per task"
+        steps = curves["step"]
+        if any(a > b for a, b in itertools.pairwise(steps)):
+            return "'curves.step' should never decrease"
         if any(len(a) != t for a in curves["accuracy"]):
             return f"'curves.accuracy' should hold rows of {t} accuracies"
         for key in ("accuracy", "loss", "penalty"):
@@ -277,6 +248,27 @@ def _results_shapes(data: dict[str, Any]) -> str | None:
         for name, layer in entry["layers"].items():
             if len(layer["counts"]) + 1 != len(layer["log10_edges"]):
                 return f"'importance.layers.{name}' should have one edge more than counts"
+    return None
+
+
+#: How far a stored metric may be from the one recomputed from the matrix (float rounding).
+_METRIC_TOLERANCE = 1e-9
+
+
+def _metrics_disagree(
+    metrics: dict[str, Any], matrix: list[list[float]], random_init: list[float]
+) -> str | None:
+    """Which stored metric the accuracy matrix does not give (metrics are never trusted as
+    written: they are recomputed), or None."""
+    for name, value in compute_metrics(matrix, random_init).items():
+        stored = metrics[name]
+        if (value is None) != (stored is None) or (
+            value is not None and abs(stored - value) > _METRIC_TOLERANCE
+        ):
+            return (
+                f"'metrics.{name}' is {short(stored)} but the accuracy matrix gives "
+                f"{short(value)}: the file was edited"
+            )
     return None
 
 
@@ -316,8 +308,8 @@ def check_comparable(runs: Sequence[Mapping[str, Any]]) -> None:
         if differ:
             key = differ[0]
             raise ResultsError(
-                f"{strategy} runs differ in {key!r} ({_short(other.get(key))} and "
-                f"{_short(config.get(key))}), not only in the seed: they cannot be averaged; "
+                f"{strategy} runs differ in {key!r} ({short(other.get(key))} and "
+                f"{short(config.get(key))}), not only in the seed: they cannot be averaged; "
                 "report them separately"
             )
 

@@ -18,14 +18,16 @@ from torch import nn
 
 from ewc import __version__, distributed
 from ewc import checkpoint as checkpoints
+from ewc.config import Range
 from ewc.curves import Curves, penalty_value
 from ewc.data.streams import Task, TaskStream, make_stream
 from ewc.logger import ScalarLogger
 from ewc.metrics import compute_metrics
 from ewc.models import build_model
 from ewc.progress import Progress
+from ewc.readback import mismatch
 from ewc.regularizers import Regularizer
-from ewc.results import RESULTS_SCHEMA
+from ewc.results import RESULTS_SCHEMA, RESULTS_SPEC
 from ewc.runner.config import (
     REGULARIZED,
     RunConfig,
@@ -49,6 +51,15 @@ from ewc.tables import setting_text
 
 #: The partial results that :func:`run` keeps in its checkpoints.
 _RUN_STATE = ("random_init", "matrix", "importance", "timings", "step", "curves")
+#: The schema of the partial results in a checkpoint (spec of :func:`ewc.readback.mismatch`).
+_PARTIAL_SPEC: dict[str, Any] = {
+    "random_init": RESULTS_SPEC["random_init_accuracy"],
+    "matrix": RESULTS_SPEC["accuracy_matrix"],
+    "importance": RESULTS_SPEC["importance?"],
+    "timings": {"train_s": Range(0), "fisher_s": Range(0), "eval_s": Range(0), "total_s": Range(0)},
+    "step": int,
+    "curves": RESULTS_SPEC["curves?"],
+}
 #: Samples per batch when the regularizer reads a task's data at consolidation.
 _CONSOLIDATION_BATCH = 1024
 
@@ -205,7 +216,14 @@ class _Run:
         if checkpoint is None:
             return 0
         restored = checkpoints.resume(
-            checkpoint, self.cfg.to_dict(), self.model, self.optimizer, self.reg, self.generator
+            checkpoint,
+            self.cfg.to_dict(),
+            self.model,
+            self.optimizer,
+            self.reg,
+            self.generator,
+            n_tasks=len(self.tasks),
+            check_partial=self._partial_problem,
         )
         if restored is None:
             return 0
@@ -216,6 +234,34 @@ class _Run:
         self.curves.restore(saved["curves"])  # and logged again: the log files hold it all
         self.t_start -= self.timings.pop("total_s")  # the time the interrupted process(es) took
         return first
+
+    def _partial_problem(self, saved: Any, tasks_done: int) -> str | None:
+        """What is wrong with the partial results of a checkpoint after ``tasks_done`` tasks
+        (what :meth:`save` writes), or None."""
+        problem = mismatch(saved, _PARTIAL_SPEC, "partial.")
+        if problem is not None:
+            return problem
+        n, regularized = len(self.tasks), self.reg is not None
+        curves = saved["curves"]
+        sizes = {
+            "random_init": (len(saved["random_init"]), n),
+            "matrix": (len(saved["matrix"]), tasks_done),
+            "importance": (len(saved["importance"]), tasks_done if regularized else 0),
+            "step": (saved["step"], sum(self.steps_per_task[:tasks_done])),
+            "curves.task_boundaries": (len(curves["task_boundaries"]), tasks_done),
+            "curves.loss": (len(curves.get("loss", curves["step"])), len(curves["step"])),
+            "curves.accuracy": (len(curves["accuracy"]), len(curves["step"])),
+        }
+        sizes.update({f"matrix[{i}]": (len(row), n) for i, row in enumerate(saved["matrix"])})
+        sizes.update(
+            {f"curves.accuracy[{i}]": (len(r), n) for i, r in enumerate(curves["accuracy"])}
+        )
+        bad = next((k for k, (got, want) in sizes.items() if got != want), None)
+        if bad is not None:
+            return f"'partial.{bad}' should have size {sizes[bad][1]}, not {sizes[bad][0]}"
+        if regularized != ("penalty" in curves):
+            return f"'partial.curves.penalty' should {'' if regularized else 'not '}be there"
+        return None
 
     def train(self, t: int) -> None:
         """Train task ``t`` (with the tasks before it, for joint training), recording a curve
