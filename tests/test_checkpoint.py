@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from ewc import checkpoint
 from ewc.cli import main

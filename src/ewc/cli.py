@@ -435,7 +435,13 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     )
     for p in summary["points"]:
         outcome = p["error"] if "error" in p else f"validation ACC {100 * p['val_acc']:.2f} %"
-        print(f"{args.param}={p['value']:g}: {outcome}")
+        print(f"{args.param}={p['value']:g}: {'DIVERGED: ' if p.get('diverged') else ''}{outcome}")
+    diverged = [f"{p['value']:g}" for p in summary["points"] if p.get("diverged")]
+    if diverged:
+        print(
+            f"{len(diverged)} of {len(summary['points'])} points diverged ({args.param}="
+            f"{', '.join(diverged)}): chosen among the others"
+        )
     print(f"chosen {args.param} = {summary['chosen']:g} (highest validation ACC)")
     _finish([load_results(summary["final"])], args.out, args, sweep_summary=summary)
 

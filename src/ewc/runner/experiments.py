@@ -30,6 +30,7 @@ from ewc.runner.config import (
     unused_settings,
 )
 from ewc.runner.run import run, versions
+from ewc.runner.task import DivergedError
 
 
 def result_path(out_dir: Path, strategy: str, seed: int) -> Path:
@@ -185,9 +186,9 @@ def sweep(
     Writes ``out_dir/sweep.json`` (schema ewc.sweep/1), ``out_dir/<param>=<value>.json`` per grid
     point (validation results; distinct values never share a file) and ``out_dir/final.json``
     (test results at the chosen value). Every grid point's settings and the output folder are
-    checked before the first run. A grid point whose run fails (a diverged model) is recorded
-    with its ``error`` and skipped. With ``resume``, a point whose results file exists with the
-    same config is read, not rerun.
+    checked before the first run. A grid point whose run fails is recorded with its ``error``
+    (and ``"diverged": true`` for a run that diverged) and skipped. With ``resume``, a point
+    whose results file exists with the same config is read, not rerun.
     """
     configs = sweep_configs(config, grid, param, val_fraction)
     values = [getattr(c, param) for c in configs]
@@ -198,7 +199,10 @@ def sweep(
             result = run_and_save(cfg, out / f"{param}={_file_name(value)}.json", progress, resume)
         except ConfigError:  # a setting that the data refuse (e.g. too few samples to hold out)
             raise
-        except ValueError as e:  # e.g. a penalty too stiff for the step size: NaN weights
+        except DivergedError as e:  # a penalty too stiff for the step size, a step too large
+            points.append({"value": value, "error": str(e), "diverged": True})
+            continue
+        except ValueError as e:
             points.append({"value": value, "error": str(e)})
             continue
         last = result["accuracy_matrix"][-1]

@@ -39,9 +39,9 @@ from ewc.runner.importance import importance_summary
 from ewc.runner.masks import Masks
 from ewc.runner.task import (
     Batches,
+    Divergence,
     TrainStep,
     batch_indices,
-    check_finite,
     evaluate,
     make_optimizer,
     n_steps,
@@ -90,7 +90,9 @@ def run(
             a run of the same config resumes from it, and ends as if never interrupted.
 
     Raises:
-        DivergedError: the weights became NaN or infinite (the step or λ is too large).
+        DivergedError: the loss exploded (a mean cross-entropy over ``LOSS_LIMIT`` times a
+            uniform guess's) or the weights blew up or became NaN or infinite (the step or λ is
+            too large); checked at each curve point and at the end of each task.
     """
     cfg = resolve_config(config, own_stream=stream is not None)
     settings = applicable_settings(cfg, own_model=model is not None, own_stream=stream is not None)
@@ -171,6 +173,7 @@ class _Run:
         self.model = model
         model.to(device).train()
         trained = distributed.wrap(model)  # DDP under torchrun; evaluation and Fisher use `model`
+        self.divergence = Divergence(model, stream.n_outputs)
         self.optimizer = make_optimizer(cfg.optimizer, cfg.lr, model)
         self.masks = Masks(stream, device)
         self.reg: Regularizer | None = None
@@ -287,6 +290,7 @@ class _Run:
                 curves.point(
                     self.step, self.accuracies(t, cfg.curve_samples), penalty_value(self.reg)
                 )
+                self.check_divergence(t)
                 timings["eval_s"] += time.perf_counter() - tic
                 tic = time.perf_counter()
             n_batch, idx = len(idx), distributed.shard(idx)
@@ -296,7 +300,14 @@ class _Run:
             bar.update()
         bar.close()
         timings["train_s"] += time.perf_counter() - tic
-        check_finite(self.model, self.tasks[t].name)
+        self.divergence.check_weights(self.tasks[t].name)
+
+    def check_divergence(self, t: int) -> None:
+        """At a curve point of task ``t``: raise DivergedError if the loss since the previous
+        point exploded or the weights blew up (values the point has synchronised anyway)."""
+        name = self.tasks[t].name
+        self.divergence.check_loss(self.curves.loss[-1], name, self.step)
+        self.divergence.check_weights(name)
 
     def consolidate(self, t: int) -> None:
         """End of task ``t``: the regularizer's importance from the task's training data (a
@@ -328,6 +339,7 @@ class _Run:
         self.curves.point(
             self.step, self.accuracies(t, self.cfg.curve_samples), penalty_value(self.reg)
         )
+        self.check_divergence(t)
         self.timings["eval_s"] += time.perf_counter() - tic
 
     def save(self, t: int, checkpoint: str | os.PathLike[str] | None) -> None:

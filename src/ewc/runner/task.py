@@ -53,18 +53,73 @@ def evaluate(
 
 
 class DivergedError(ValueError):
-    """Training made the model's weights NaN or infinite."""
+    """Training diverged: the loss exploded, or the weights blew up or became NaN or infinite."""
 
 
-def check_finite(model: nn.Module, task: str) -> None:
-    """Raise :class:`DivergedError` naming the parameters that are no longer finite."""
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
+#: A mean cross-entropy (between two curve points) above this many times log(n_classes), the
+#: loss of a uniform guess, means the run diverged. Healthy runs stay far below: class-incremental
+#: runs with a stiff penalty peak near 8x at the start of a task; lr = 1e6 gives about 1e5 x.
+LOSS_LIMIT = 100.0
+#: Weights grown beyond this many times their initial magnitude (at least 1) blew up.
+WEIGHT_LIMIT = 1e4
+_ADVICE = (
+    "the step (lr) or the penalty (lam) is too large; lower it, or use penalty='proximal' with SGD"
+)
+
+
+class Divergence:
+    """Stops a run that diverged, from its loss and its weights, not only from NaN. Checked
+    where the runner synchronises anyway (at curve points and at the end of a task), so it adds
+    nothing to a training step.
+
+    Args:
+        model: the model being trained; its weights' initial magnitudes are the reference.
+        n_classes: the width of its output (the loss limit is ``LOSS_LIMIT · log(n_classes)``).
+    """
+
+    def __init__(self, model: nn.Module, n_classes: int) -> None:
+        self.model = model
+        self.loss_limit = LOSS_LIMIT * math.log(max(n_classes, 2))
+        self.names = [n for n, p in model.named_parameters() if p.numel()]
+        with torch.no_grad():
+            self.weight_limit = WEIGHT_LIMIT * self._sizes().clamp(min=1.0)
+
+    def _sizes(self) -> Tensor:
+        """The largest magnitude in each parameter, one float32 per parameter."""
+        named = dict(self.model.named_parameters())
+        return torch.stack([named[n].detach().abs().amax().float().cpu() for n in self.names])
+
+    def check_loss(self, loss: float | None, task: str, step: int) -> None:
+        """Raise :class:`DivergedError` if ``loss`` (a mean cross-entropy in nats, None if no
+        step was taken) is NaN, infinite or above the limit."""
+        if loss is None or loss <= self.loss_limit:
+            return
         raise DivergedError(
-            f"the weights became NaN or infinite while training task {task!r} (in "
-            f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the step (lr) or the "
-            "penalty (lam) is too large; lower it, or use penalty='proximal' with SGD"
+            f"the training loss exploded while training task {task!r}: a mean cross-entropy of "
+            f"{loss:.3g} nats before step {step}, over {LOSS_LIMIT:g} x that of a uniform guess "
+            f"({self.loss_limit / LOSS_LIMIT:.3g}): {_ADVICE}"
         )
+
+    @torch.no_grad()
+    def check_weights(self, task: str) -> None:
+        """Raise :class:`DivergedError` naming the parameters that are NaN, infinite or grown
+        beyond ``WEIGHT_LIMIT`` times their initial magnitude."""
+        if not self.names:
+            return
+        sizes = self._sizes()
+        bad = [
+            n
+            for n, ok in zip(self.names, (sizes <= self.weight_limit).tolist(), strict=True)
+            if not ok
+        ]
+        if not bad:
+            return
+        where = f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}"
+        if bool(torch.isfinite(sizes).all()):
+            what = f"the weights blew up (over {WEIGHT_LIMIT:g} x their initial size, in {where})"
+        else:
+            what = f"the weights became NaN or infinite (in {where})"
+        raise DivergedError(f"{what} while training task {task!r}: {_ADVICE}")
 
 
 def mean_loss(logits: Tensor, y: Tensor, n_batch: int) -> Tensor:
