@@ -316,11 +316,20 @@ def _default_mark(field: str, values: Mapping[str, Any]) -> str:
     return "" if field in values else f" (default; --{field} chooses)"
 
 
+def _given(flag: str | None, default: Any) -> str:
+    """A flag's value if it was given (an empty one too: :func:`_items` refuses it), else the
+    default."""
+    return str(default) if flag is None else flag
+
+
 def _items(text: str, flag: str) -> list[str]:
-    """The comma-separated items of a flag's value; RunConfig checks each."""
-    items = [v.strip() for v in text.split(",") if v.strip()]
-    if not items:
-        raise UsageError(f"{flag} is empty; give comma-separated values, e.g. 1e2,1e3,1e4")
+    """The comma-separated items of a flag's value; RunConfig checks each. An empty value or
+    item is refused, never read as the default."""
+    items = [v.strip() for v in text.split(",")]
+    if not all(items):
+        raise UsageError(
+            f"{flag} {text!r} is empty or has an empty item; give comma-separated values"
+        )
     return items
 
 
@@ -400,8 +409,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> None:
     values = _run_values(args)  # the file's strategy and seed are the defaults of the flags
-    strategies = _items(args.strategies or str(values.get("strategy", "naive,ewc")), "--strategies")
-    seeds = _items(args.seeds or str(values.get("seed", 0)), "--seeds")
+    strategies = _items(
+        _given(args.strategies, values.get("strategy", "naive,ewc")), "--strategies"
+    )
+    seeds = _items(_given(args.seeds, values.get("seed", 0)), "--seeds")
     base = RunConfig.from_dict(values)
     configs = compare_configs(base, strategies, seeds)[: len(strategies)]  # the first seed's
     _check_out_folder(args)

@@ -201,12 +201,22 @@ def _number(value: Any) -> int | float | None:
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
     """A tuple of ints from ``[400, 400]``, ``"400,400"`` or ``400``."""
     if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
+        items = value.split(",")
+        if not all(v.strip() for v in items):
+            raise ConfigError(
+                f"{name}: expected comma-separated integers, e.g. 400,400, got {_show(value)} "
+                "(an empty item)"
+            )
+        value = items
     elif _number(value) is not None:
         value = [value]
     if not isinstance(value, list | tuple):
         raise ConfigError(
             f"{name}: expected a list of integers, e.g. [400, 400], got {_show(value)}"
+        )
+    if not value:
+        raise ConfigError(
+            f"{name}: expected at least one integer, e.g. [400, 400], got {_show(value)}"
         )
     return tuple(_scalar(f"{name}[{i}]", v, int) for i, v in enumerate(value))
 
