@@ -22,11 +22,13 @@ from typing import Any, NoReturn
 
 from ewc import __version__
 from ewc._optional import MissingExtraError, MissingExtraWarning, require
+from ewc.checkpoint import checkpoint_path
 from ewc.config import did_you_mean, read_config_file
 from ewc.data.sources import DataNotFoundError, find_datasets
 from ewc.data.streams import BENCHMARKS
 from ewc.fisher import KINDS as FISHER_KINDS
 from ewc.logger import CSV_NAME
+from ewc.outputs import check_paths
 from ewc.results import atomic_write_text, check_output, load_results
 from ewc.runner import (
     DEFAULT_BENCHMARK,
@@ -170,6 +172,13 @@ def _check_single_values(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} takes one value, got {value!r}; for several: {where} {value}")
 
 
+def _path(text: str) -> Path:
+    """argparse type of a path option: an empty value is refused, not read as ``.``."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty value")
+    return Path(text)
+
+
 def _threads(text: str) -> int:
     """argparse type of ``--threads``: an integer from 1 to the number of CPUs."""
     cpus = os.cpu_count() or 1
@@ -189,18 +198,18 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
         if dest in _FIELD_DEFAULTS:
             help_ += f" (default: {setting_text(_FIELD_DEFAULTS[dest])})"
         p.add_argument(flag, dest=dest, default=None, help=help_)
-    p.add_argument("--config", type=Path, help="YAML or TOML file of RunConfig fields")
+    p.add_argument("--config", type=_path, help="YAML or TOML file of RunConfig fields")
     p.add_argument("--threads", type=_threads, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--no-report", action="store_true", help="skip the HTML/Markdown report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--out", type=_path, required=True, help=out_help)
 
 
 def _add_log_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-dir",
-        type=Path,
+        type=_path,
         help="write loss, penalty and accuracy there while training runs: scalars.csv and, "
         "with the tensorboard extra, TensorBoard event files (one subfolder per run for "
         "compare and demo)",
@@ -261,13 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
-        "--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)"
+        "--out", type=_path, default=Path("runs/demo"), help="output folder (default: runs/demo)"
     )
     _add_log_dir(p)
 
     p = sub.add_parser("report", help="HTML + Markdown report from results files")
-    p.add_argument("results", nargs="+", type=Path, help="results JSON files (and a sweep.json)")
-    p.add_argument("--out", type=Path, required=True, help="report file (.html)")
+    p.add_argument("results", nargs="+", type=_path, help="results JSON files (and a sweep.json)")
+    p.add_argument("--out", type=_path, required=True, help="report file (.html)")
     return parser
 
 
@@ -328,28 +337,28 @@ def _items(text: str, flag: str) -> list[str]:
     items = [v.strip() for v in text.split(",")]
     if not all(items):
         raise UsageError(
-            f"{flag} {text!r} is empty or has an empty item; give comma-separated values"
+            f"{flag} is empty or has an empty item ({text!r}); give comma-separated values"
         )
     return items
 
 
-def _check_outputs(args: argparse.Namespace, paths: Sequence[Path]) -> None:
-    """Refuse unwritable outputs (``paths`` and ``--log-dir``), or outputs that are inputs,
-    before any work is done."""
+def _check_outputs(
+    args: argparse.Namespace, paths: Sequence[Path], folders: Sequence[Path] = ()
+) -> None:
+    """Refuse unwritable or clashing outputs (``paths``, ``folders`` and ``--log-dir``), or
+    outputs that are inputs, before any work is done (the runs then hold their outputs' locks:
+    :func:`ewc.outputs.hold`)."""
     inputs = [args.config] if getattr(args, "config", None) else []
-    for path in paths:
-        check_output(path, inputs=inputs)
-    if getattr(args, "log_dir", None) is not None:
-        check_output(args.log_dir, folder=True, inputs=inputs)
+    logs = [args.log_dir] if getattr(args, "log_dir", None) is not None else []
+    check_paths(paths, [*folders, *logs], inputs=inputs)
 
 
 def _check_out_folder(args: argparse.Namespace) -> None:
     """Check the output folder, and the summary and report files ``_finish`` writes there."""
-    check_output(args.out, folder=True)
     names = ["summary.md"] + (
         [] if getattr(args, "no_report", False) else ["report.html", "report.md"]
     )
-    _check_outputs(args, [args.out / name for name in names])
+    _check_outputs(args, [args.out / name for name in names], folders=[args.out])
 
 
 def _shown(path: Path) -> str:
@@ -394,7 +403,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         raise UsageError(f"--out must name a .json file, got {str(args.out)!r}")
     config = _run_config(args)
     reports = [] if args.no_report else [args.out.with_suffix(".html"), args.out.with_suffix(".md")]
-    _check_outputs(args, [args.out, *reports])
+    _check_outputs(args, [args.out, checkpoint_path(args.out), *reports])
     _announce("run", [config], args, varied="")
     progress, resume = not args.quiet, not args.fresh
     result = run_and_save(config, args.out, progress, resume, log_dir=args.log_dir)

@@ -14,9 +14,10 @@ from typing import Any
 from ewc import checkpoint as checkpoints
 from ewc import distributed
 from ewc.config import ConfigError
+from ewc.outputs import check_paths, hold
 from ewc.results import (
     SWEEP_SCHEMA,
-    check_output,
+    OutputError,
     load_results,
     save_results,
     write_summary_csv,
@@ -57,12 +58,19 @@ def compare(
     With ``resume``, a run whose results file exists with the same config is read, not rerun.
     """
     configs = compare_configs(config, strategies, seeds)
-    out = check_output(out_dir, folder=True)
-    results = [
-        run_and_save(c, result_path(out, c.strategy, c.seed), progress, resume, _logs(log_dir, c))
-        for c in configs
-    ]
-    write_summary_csv(results, out / "summary.csv")
+    out = Path(out_dir)
+    paths = [result_path(out, c.strategy, c.seed) for c in configs]
+    logs = [_logs(log_dir, c) for c in configs]
+    check_paths(
+        [*_with_checkpoints(paths), out / "summary.csv"],
+        [out, *(log for log in logs if log is not None)],
+    )
+    with hold(out):  # one command per output folder
+        results = [
+            run_and_save(c, path, progress, resume, log)
+            for c, path, log in zip(configs, paths, logs, strict=True)
+        ]
+        write_summary_csv(results, out / "summary.csv")
     return results
 
 
@@ -119,16 +127,23 @@ def run_and_save(
     resumes from it with ``resume``, and removes it once the results are saved. Reading results
     and resuming are each said in one line on stderr."""
     ckpt = checkpoints.checkpoint_path(path)
-    result = _load_matching(Path(path), cfg) if resume else None
-    if result is not None:
-        distributed.note(f"{path} holds this run's results: read, not rerun (--fresh reruns)")
-    else:
-        if not resume:
-            checkpoints.remove_checkpoint(ckpt)
-        result = run(cfg, progress=progress, log_dir=log_dir, checkpoint=ckpt)
-        save_results(result, path)
-    checkpoints.remove_checkpoint(ckpt)
+    check_paths([path, ckpt], [] if log_dir is None else [log_dir])
+    with hold(path):  # one command per results file
+        result = _load_matching(Path(path), cfg) if resume else None
+        if result is not None:
+            distributed.note(f"{path} holds this run's results: read, not rerun (--fresh reruns)")
+        else:
+            if not resume:
+                checkpoints.remove_checkpoint(ckpt)
+            result = run(cfg, progress=progress, log_dir=log_dir, checkpoint=ckpt)
+            save_results(result, path)
+        checkpoints.remove_checkpoint(ckpt)
     return result
+
+
+def _with_checkpoints(paths: list[Path]) -> list[Path]:
+    """Results files and the checkpoints written beside them while their runs train."""
+    return [*paths, *map(checkpoints.checkpoint_path, paths)]
 
 
 def _load_matching(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
@@ -192,45 +207,48 @@ def sweep(
     """
     configs = sweep_configs(config, grid, param, val_fraction)
     values = [getattr(c, param) for c in configs]
-    out = check_output(out_dir, folder=True)
-    points: list[dict[str, Any]] = []
-    for cfg, value in zip(configs, values, strict=True):
-        try:
-            result = run_and_save(cfg, out / f"{param}={_file_name(value)}.json", progress, resume)
-        except ConfigError:  # a setting that the data refuse (e.g. too few samples to hold out)
-            raise
-        except DivergedError as e:  # a penalty too stiff for the step size, a step too large
-            points.append({"value": value, "error": str(e), "diverged": True})
-            continue
-        except ValueError as e:
-            points.append({"value": value, "error": str(e)})
-            continue
-        last = result["accuracy_matrix"][-1]
-        points.append(
-            {
-                "value": value,
-                "val_acc": result["metrics"]["acc"],
-                "val_old_acc": sum(last[:-1]) / max(len(last) - 1, 1),
-                "val_new_acc": last[-1],
-            }
-        )
-    finished = [p for p in points if "error" not in p]
-    if not finished:
-        raise ConfigError(f"every {param} in the grid failed: {points[0]['error']}")
-    chosen = max(finished, key=lambda p: p["val_acc"])["value"]
-    final_cfg = resolve_config(dataclasses.replace(config, **{param: chosen}))
+    out = Path(out_dir)
+    paths = [out / f"{param}={_file_name(value)}.json" for value in values]
     final_path = out / "final.json"
-    run_and_save(final_cfg, final_path, progress, resume)
-    summary = {
-        "schema": SWEEP_SCHEMA,
-        "param": param,
-        "strategy": config.strategy,
-        "benchmark": final_cfg.benchmark,
-        "grid": values,
-        "points": points,
-        "chosen": chosen,
-        "final": str(final_path),
-        "versions": versions(),
-    }
-    save_results(summary, out / "sweep.json")
+    check_paths([*_with_checkpoints([*paths, final_path]), out / "sweep.json"], [out])
+    with hold(out):  # one command per output folder
+        points: list[dict[str, Any]] = []
+        for cfg, value, path in zip(configs, values, paths, strict=True):
+            try:
+                result = run_and_save(cfg, path, progress, resume)
+            except (ConfigError, OutputError):  # a setting the data refuse, an output in use
+                raise
+            except DivergedError as e:  # a penalty too stiff for the step size, a step too large
+                points.append({"value": value, "error": str(e), "diverged": True})
+                continue
+            except ValueError as e:
+                points.append({"value": value, "error": str(e)})
+                continue
+            last = result["accuracy_matrix"][-1]
+            points.append(
+                {
+                    "value": value,
+                    "val_acc": result["metrics"]["acc"],
+                    "val_old_acc": sum(last[:-1]) / max(len(last) - 1, 1),
+                    "val_new_acc": last[-1],
+                }
+            )
+        finished = [p for p in points if "error" not in p]
+        if not finished:
+            raise ConfigError(f"every {param} in the grid failed: {points[0]['error']}")
+        chosen = max(finished, key=lambda p: p["val_acc"])["value"]
+        final_cfg = resolve_config(dataclasses.replace(config, **{param: chosen}))
+        run_and_save(final_cfg, final_path, progress, resume)
+        summary = {
+            "schema": SWEEP_SCHEMA,
+            "param": param,
+            "strategy": config.strategy,
+            "benchmark": final_cfg.benchmark,
+            "grid": values,
+            "points": points,
+            "chosen": chosen,
+            "final": str(final_path),
+            "versions": versions(),
+        }
+        save_results(summary, out / "sweep.json")
     return summary
