@@ -210,27 +210,33 @@ class Feed:
 
     @contextmanager
     def naming_errors(self) -> Iterator[None]:
-        """Prefix a :class:`FisherError` raised inside with the index of the current batch; a
-        model's RuntimeError on a batch whose float tensors have another dtype than the
-        parameters becomes a :class:`FisherError` saying so."""
+        """Prefix a :class:`FisherError` raised inside with the index of the current batch; any
+        other error of the model on a batch (a RuntimeError, TypeError, IndexError: wrong
+        width, wrong dtype, wrong structure) becomes a :class:`FisherError` naming the batch,
+        its tensors' shapes and torch's message, with the fix for a dtype other than the
+        parameters'. Out-of-memory errors pass as they are."""
         try:
             yield
         except FisherError as e:
             raise type(e)(f"batch {self.index}: {e}") from e
-        except RuntimeError as e:
-            others = {
-                leaf.dtype
-                for leaf in tree_leaves(self.batch)
-                if isinstance(leaf, Tensor) and leaf.is_floating_point()
-            } - {self.dtype}
-            if isinstance(e, torch.OutOfMemoryError) or not others:
+        except (RuntimeError, TypeError, IndexError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
                 raise
-            floats = ", ".join(sorted(str(d).removeprefix("torch.") for d in others))
+            leaves = [leaf for leaf in tree_leaves(self.batch) if isinstance(leaf, Tensor)]
+            shapes = ", ".join(str(list(leaf.shape)) for leaf in leaves) or "no tensors"
+            others = {leaf.dtype for leaf in leaves if leaf.is_floating_point()} - {self.dtype}
+            fix = "Check that the batches are what the model takes (width, dtype, structure)."
+            if others:
+                floats = ", ".join(sorted(str(d).removeprefix("torch.") for d in others))
+                fix = (
+                    f"The batch holds {floats} tensors and the model's parameters are "
+                    f"{str(self.dtype).removeprefix('torch.')}. Cast the batches "
+                    f"(x.to({self.dtype})) or compute under torch.autocast."
+                )
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FisherError(
-                f"batch {self.index}: the model failed ({str(e).strip().splitlines()[0]}); the "
-                f"batch holds {floats} tensors and the model's parameters are "
-                f"{str(self.dtype).removeprefix('torch.')}. Cast the batches (x.to({self.dtype})) "
-                "or compute under torch.autocast."
+                f"batch {self.index}: the model failed on a batch of shape(s) {shapes}: "
+                f"{message}. {fix}"
             ) from e
 
     def __iter__(self) -> Iterator[Any]:

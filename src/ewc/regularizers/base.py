@@ -81,13 +81,14 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ewc.fisher.core import unwrap
 from ewc.regularizers.checks import (
     check_finite,
     check_lam,
     check_mode_gamma,
     check_names_shapes,
     check_positive,
+    trainable,
+    warn_at_consolidate,
 )
 
 __all__ = ["QuadraticRegularizer", "Regularizer"]
@@ -161,16 +162,9 @@ class QuadraticRegularizer(ABC):
     ) -> None:
         self.lam = lam
         self.mode, self.gamma = check_mode_gamma(self.default_mode if mode is None else mode, gamma)
-        model = unwrap(model)
-        self.model = model
-        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if not self._names:
-            raise ValueError(
-                f"{type(model).__name__} has no trainable parameters (requires_grad=True); "
-                "there is nothing to regularize. Unfreeze some parameters first."
-            )
-        named = dict(model.named_parameters())
-        self._params: list[Tensor] = [named[n] for n in self._names]
+        self.model, named = trainable(model, type(self).__name__)
+        self._names = list(named)
+        self._params: list[Tensor] = list(named.values())
         with torch.no_grad():
             self._omega = [torch.zeros_like(p) for p in self._params]
             self._anchor = [p.detach().clone() for p in self._params]
@@ -314,7 +308,11 @@ class QuadraticRegularizer(ABC):
         """End of a task: compute its importance (:meth:`task_importance`) and merge it, with
         the current parameters as this task's anchor."""
         self._follow_model()
-        self.add_task(self.task_importance(batches))
+        importance = self.task_importance(batches)
+        warn_at_consolidate(
+            dict(zip(self._names, self._params, strict=True)), importance, type(self).__name__
+        )
+        self.add_task(importance)
 
     @torch.no_grad()
     def add_task(

@@ -4,13 +4,22 @@ bad value and the fix, before anything changes."""
 from __future__ import annotations
 
 import math
+import reprlib
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ewc.config import RANGES
+from ewc.fisher.core import unwrap
 
 MODES = ("separate", "online")
+#: λ's range, the run settings' (:data:`ewc.config.RANGES`): finite, >= 0, at most the largest
+#: float32.
+LAM_RANGE = RANGES["lam"]
+LAM_MAX = float(LAM_RANGE.high or math.inf)
 
 
 def check_lam(lam: float) -> float:
@@ -21,7 +30,55 @@ def check_lam(lam: float) -> float:
             f"lam must be >= 0; got lam={lam!r}. The penalty is (lam/2)·Σ Ω (θ-θ*)²: a "
             "negative lam would reward forgetting."
         )
+    if lam not in LAM_RANGE:
+        raise ValueError(
+            f"lam must be <= {LAM_MAX:.9g} (the largest float32, so that λ·Ω stays "
+            f"representable; the run settings' bound too); got lam={lam!r}."
+        )
     return float(lam)
+
+
+def trainable(model: Any, owner: str) -> tuple[nn.Module, dict[str, Tensor]]:
+    """``model`` without a DDP / DataParallel wrapper, and its parameters with
+    ``requires_grad=True`` by name; ``ValueError`` naming ``owner`` (the regularizer) for
+    something that is not an ``nn.Module`` or a model with nothing to regularize."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"{owner} needs the model (a torch.nn.Module) as its first argument; got "
+            f"{type(model).__name__} {reprlib.repr(model)}."
+        )
+    model = unwrap(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (requires_grad=True); "
+            "there is nothing to regularize. Unfreeze some parameters first."
+        )
+    return model, params
+
+
+def warn_at_consolidate(
+    params: Mapping[str, Tensor], importance: Mapping[str, Tensor], owner: str
+) -> None:
+    """Warn, at the end of a task, about parameters frozen since ``owner`` was built (they keep
+    their old importance and anchor) and about an importance that is zero everywhere (e.g. every
+    label ignored, -100): the penalty then protects nothing of this task."""
+    frozen = [n for n, p in params.items() if not p.requires_grad]
+    if frozen:
+        warnings.warn(
+            f"{owner}: parameter(s) {frozen[:5]}{' ...' if len(frozen) > 5 else ''} were frozen "
+            "after the regularizer was built: they get importance 0 from this task and no "
+            "penalty while frozen. Unfreeze them before consolidate(), or build the "
+            "regularizer after freezing to leave them out.",
+            stacklevel=3,
+        )
+    if importance and all(not bool(t.any()) for t in importance.values()):
+        warnings.warn(
+            f"{owner}: this task's importance is zero for every parameter, so the penalty does "
+            "not protect it (were all labels ignored, e.g. -100, or the data empty of signal?). "
+            "Check the batches given to consolidate().",
+            stacklevel=3,
+        )
 
 
 def check_gamma(gamma: Any) -> float:

@@ -54,14 +54,19 @@ from ewc.fisher.core import (
     first_samples,
     sample_mean,
     sum_dtype,
-    unwrap,
 )
 from ewc.fisher.errors import FisherError
 from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likelihood
 from ewc.fisher.request import Request
 from ewc.fisher.rules import layer_input
 from ewc.fisher.rules.conv import padded_2d
-from ewc.regularizers.checks import check_fisher_samples, check_gamma, check_lam
+from ewc.regularizers.checks import (
+    check_fisher_samples,
+    check_gamma,
+    check_lam,
+    trainable,
+    warn_at_consolidate,
+)
 from ewc.regularizers.registry import Strategy, register
 
 KINDS = ("exact", "sampled", "predicted", "empirical")
@@ -157,13 +162,8 @@ class KFAC:
         self.fisher = fisher
         self.forward, self.seed = forward or default_forward, seed
         self.distributed = check_flag("distributed", distributed)
-        self.model = model = unwrap(model)
-        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if not self._params:
-            raise ValueError(
-                f"{type(model).__name__} has no trainable parameters (requires_grad=True); "
-                "there is nothing to regularize."
-            )
+        self.model, self._params = trainable(model, "KFAC")
+        model = self.model
         names = {id(p): n for n, p in self._params.items()}
         self._layers = [
             _Layer(
@@ -269,6 +269,10 @@ class KFAC:
                 SeededGenerator(self.seed),
             )
             diagonal = sample_mean(request, batches, distributed=self.distributed)
+        output_factors = {
+            layer.weight: g for layer, (_, g) in zip(self._layers, factors, strict=True)
+        }
+        warn_at_consolidate(self._params, {**output_factors, **diagonal}, "KFAC")
         with torch.no_grad():
             self._weights = [w * self.gamma for w in self._weights] + [1.0]
             for layer, (a, g) in zip(self._layers, factors, strict=True):
