@@ -24,7 +24,18 @@ METRICS = ("acc", "bwt", "fwt", "forgetting")
 
 
 def _matrix(accuracy_matrix: Sequence[Sequence[float]]) -> np.ndarray:
-    r = np.asarray(accuracy_matrix, dtype=np.float64)
+    rows = list(accuracy_matrix) if isinstance(accuracy_matrix, Sequence) else None
+    if rows is not None and not all(isinstance(row, Sequence | np.ndarray) for row in rows):
+        raise ValueError("accuracy_matrix must be a list of rows, one per task (a T x T matrix)")
+    lengths = [len(row) for row in rows] if rows is not None else []
+    if len(set(lengths)) > 1:
+        raise ValueError(
+            f"accuracy_matrix must be a square T x T matrix; its rows have {lengths} entries"
+        )
+    try:
+        r = np.asarray(accuracy_matrix, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"accuracy_matrix must hold numbers (fractions in [0, 1]): {e}") from None
     if r.ndim != 2 or r.shape[0] != r.shape[1] or r.shape[0] == 0:
         raise ValueError(
             f"accuracy_matrix must be a non-empty square T x T matrix, got shape {r.shape}"

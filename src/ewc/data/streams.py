@@ -80,6 +80,8 @@ class TaskStream:
     input_shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        """Refuse classes outside the output width, and NaN or infinite inputs (float inputs
+        are read once here; uint8 ones cannot hold them)."""
         _check_scenario(self.scenario, SCENARIOS)
         for task in self.tasks:
             bad = [c for c in task.classes if not 0 <= c < self.n_outputs]
@@ -88,6 +90,16 @@ class TaskStream:
                     f"Task {task.name!r} uses classes {bad} outside 0..{self.n_outputs - 1}; "
                     "raise n_outputs or fix the task's classes."
                 )
+            for split in ("train", "val", "test"):
+                pair = getattr(task, split)
+                if pair is None or not pair.x.is_floating_point():
+                    continue
+                n_bad = int((~torch.isfinite(pair.x)).sum())
+                if n_bad:
+                    raise ValueError(
+                        f"Task {task.name!r}: its {split} inputs hold {n_bad} NaN or infinite "
+                        "values; clean the data (torch.isfinite(x).all()) or drop those samples."
+                    )
 
     def __len__(self) -> int:
         return len(self.tasks)

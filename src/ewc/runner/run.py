@@ -28,6 +28,7 @@ from ewc.progress import Progress
 from ewc.readback import mismatch
 from ewc.regularizers import Regularizer
 from ewc.results import RESULTS_SCHEMA, RESULTS_SPEC
+from ewc.runner.checks import check_model, check_tasks
 from ewc.runner.config import (
     REGULARIZED,
     RunConfig,
@@ -172,6 +173,8 @@ class _Run:
             model = build_model(cfg.model, stream.input_shape, stream.n_outputs, cfg.hidden or ())
         self.model = model
         model.to(device).train()
+        check_tasks(self.tasks, self.eval_sets, cfg.evaluate_on)
+        check_model(model, stream, self.train_sets[0].x[:2])
         trained = distributed.wrap(model)  # DDP under torchrun; evaluation and Fisher use `model`
         self.divergence = Divergence(model, stream.n_outputs)
         self.optimizer = make_optimizer(cfg.optimizer, cfg.lr, model)
