@@ -70,7 +70,9 @@ class Curves:
             self._log(index)
 
     def _log(self, index: int) -> None:
-        if self.logger is None:
+        """Log point ``index``, unless it is at the step of the point before (the first point of
+        a task, right after the previous task's test point): one row per step and tag."""
+        if self.logger is None or (index > 0 and self.step[index] == self.step[index - 1]):
             return
         scalars = {"loss/cross_entropy": self.loss[index], "loss/penalty": self.penalty[index]}
         for name, acc in zip(self.task_names, self.accuracy[index], strict=True):

@@ -11,6 +11,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,6 +186,8 @@ class _Run:
         self.step_fn = TrainStep(trained, self.optimizer, self.reg, cfg.penalty, cfg.lr)
         main = progress and distributed.is_main_process()
         self.bars = Progress(main, f"{cfg.strategy} seed {cfg.seed}")
+        if log_dir is not None and distributed.is_main_process():
+            _remove_events(log_dir)
         self.logger = ScalarLogger(log_dir) if log_dir is not None else None
         self.curves = Curves(
             [t.name for t in self.tasks], penalty=self.reg is not None, logger=self.logger
@@ -423,6 +426,14 @@ def _hardware(device: torch.device) -> dict[str, str]:
         "tf32": f"matmul {on_off[torch.backends.cuda.matmul.allow_tf32]}, "
         f"cudnn {on_off[torch.backends.cudnn.allow_tf32]}",
     }
+
+
+def _remove_events(log_dir: str | os.PathLike[str]) -> None:
+    """Remove the TensorBoard event files of an earlier process of this run from its log folder:
+    the run logs everything again (a resumed run its restored points first), as it rewrites
+    ``scalars.csv``, so that no point is shown twice."""
+    for old in Path(log_dir).glob("events.out.tfevents.*"):
+        old.unlink(missing_ok=True)
 
 
 def _subsample(task: Task, n: int | None, generator: torch.Generator) -> Task:
