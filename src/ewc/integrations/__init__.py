@@ -14,3 +14,7 @@ a PEFT model: the adapter and the other trainable modules, not the frozen base).
 
 Importing this package imports neither framework; each submodule imports its own.
 """
+
+from ewc.integrations._continual import read_state
+
+__all__ = ["read_state"]

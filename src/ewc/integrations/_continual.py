@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ewc.fisher._util import eval_mode
 from ewc.fisher.batching import Forward, call_forward, default_forward, to_device
 from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likelihood
+from ewc.readback import DamagedFileError, read_torch
 from ewc.regularizers import REGULARIZERS, Regularizer, make_regularizer
 
 
@@ -61,6 +62,21 @@ class Continual:
             self.regularizer, self._model = new, model
         return self.regularizer
 
+    def restore(self, model: nn.Module, state: Any, source: str) -> None:
+        """Load ``state`` (a :meth:`Regularizer.state_dict`, from ``source``: a file or "the
+        state given to load_state_dict()") into the regularizer of ``model``. Resuming without
+        it would drop the earlier tasks' penalty, so a bad state is an error, not a warning:
+        :class:`ewc.readback.DamagedFileError` naming the source, what is wrong, and to delete
+        it."""
+        try:
+            self.bind(model).load_state_dict(state)
+        except ValueError as e:
+            raise DamagedFileError(
+                f"the {self.strategy} state in {source} cannot be used: {str(e).rstrip('.')}. "
+                "Resuming without it would leave the earlier tasks unprotected: delete it (and "
+                "resume from an earlier checkpoint, or train the earlier tasks again)."
+            ) from None
+
     def add_penalty_grad(self, scale: float = 1.0) -> None:
         """``p.grad += scale · λ Ω̄ (p - θ̄)``; ``scale`` is a loss scaler's factor when the
         gradients are still scaled. Nothing before the first consolidation."""
@@ -92,6 +108,7 @@ class Continual:
         reg = self.bind(model)
         if not REGULARIZERS[self.strategy].uses_data:
             return
+        given = data is not None
         if data is None:
             if not isinstance(like, DataLoader):
                 return  # no loader to copy (none, or several): consolidate() checks it
@@ -100,7 +117,12 @@ class Continual:
         with torch.random.fork_rng(devices=[]):
             batch = next(iter(as_batches(data, like)), None)
         if batch is None:
-            return  # consolidate() names an empty dataset
+            if not given:
+                return  # the trainer's own loader, empty: the trainer names it
+            raise ValueError(
+                f"{self.strategy} has nothing to consolidate this task from: `data` holds no "
+                "batches. Give the task's DataLoader, a list of batches or a Dataset."
+            )
         forward = getattr(reg, "forward", None) or default_forward
         device = next(p.device for p in model.parameters())
         try:
@@ -167,3 +189,23 @@ def _describe(batch: Any) -> str:
     if isinstance(batch, (tuple, list)):
         return f"{type(batch).__name__} of [{', '.join(shape(v) for v in batch)}]"
     return type(batch).__name__
+
+
+def read_state(path: Any) -> dict[str, Any]:
+    """A callback state file (``ewc_callback.pt``: a regularizer's ``state_dict``), read
+    without running code; :class:`ewc.readback.DamagedFileError` naming it when it is
+    truncated, damaged, holds other objects, or is not a mapping, with the fix (delete it)."""
+    fix = (
+        "Resuming without it would leave the earlier tasks unprotected: delete its checkpoint "
+        "folder and resume from an earlier checkpoint (or train the earlier tasks again)."
+    )
+    try:
+        state = read_torch(path, "EWC callback state")
+    except DamagedFileError as e:
+        raise DamagedFileError(f"{e}. {fix}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("n_tasks", 0), int):
+        raise DamagedFileError(
+            f"EWC callback state {str(path)!r}: should be a regularizer state (a mapping with "
+            f"'type', 'n_tasks', ...), not {type(state).__name__}. {fix}"
+        )
+    return state

@@ -33,8 +33,11 @@ Checkpoints: every checkpoint the Trainer saves (``output_dir/checkpoint-<step>`
 the regularizer's state, :data:`STATE_FILE`, written by the main process. ``train(
 resume_from_checkpoint=...)`` of a checkpoint in ``output_dir`` loads it back at the start of
 training, also into a new callback in a new process, so the earlier tasks' penalty survives a
-crash; for a checkpoint elsewhere, ``ewc_cb.load_state_dict(torch.load(path / STATE_FILE))``
-before ``train``.
+crash; for a checkpoint elsewhere, call
+``ewc_cb.load_state_dict(ewc.integrations.read_state(path / STATE_FILE))`` before ``train``.
+A state file that is truncated, damaged or not a regularizer state stops training with one line
+naming it (``ewc.readback.DamagedFileError``): resuming without it would leave the earlier
+tasks unprotected.
 """
 
 from __future__ import annotations
@@ -56,13 +59,15 @@ from ewc.fisher.errors import FisherError
 from ewc.regularizers import Regularizer
 from ewc.results import atomic_write_bytes
 
-from ._continual import Continual
+from ._continual import Continual, read_state
 
 _transformers = require("transformers", "hf")
 #: ``transformers.TrainerCallback`` (typed ``Any``: the framework is an optional dependency)
 TrainerCallback: Any = _transformers.TrainerCallback
 #: The regularizer's state in each Trainer checkpoint folder.
 STATE_FILE = "ewc_callback.pt"
+#: Where a state given to ``load_state_dict`` came from, for messages.
+_GIVEN = "the state given to EWCCallback.load_state_dict()"
 
 __all__ = ["STATE_FILE", "EWCCallback", "logits_and_labels", "next_token_logits_and_labels"]
 
@@ -129,6 +134,7 @@ class EWCCallback(TrainerCallback):
         self._continual = Continual(lam, strategy, forward, options)
         self.data = data
         self._pending: Mapping[str, Any] | None = None
+        self._source = _GIVEN  # where _pending came from, for messages
         self._precision: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._start_step = 0  # the global step this train() started at
 
@@ -143,8 +149,9 @@ class EWCCallback(TrainerCallback):
         return self.regularizer.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; loaded into the regularizer when ``train`` starts."""
-        self._pending = state_dict or None
+        """Restore :meth:`state_dict` output; loaded into the regularizer (and checked) when
+        ``train`` starts."""
+        self._pending, self._source = state_dict or None, _GIVEN
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         sharded = [name for name in ("deepspeed", "fsdp") if getattr(args, name, None)]
@@ -159,7 +166,7 @@ class EWCCallback(TrainerCallback):
         if state is not None and state.global_step > 0:  # resumed from a checkpoint
             saved = _checkpoint_folder(args, state) / STATE_FILE
             if saved.is_file():
-                self._pending = torch.load(saved, map_location="cpu", weights_only=True)
+                self._pending, self._source = read_state(saved), repr(str(saved))
                 done, have = self._pending.get("n_tasks", 0), getattr(regularizer, "n_tasks", 0)
                 if done < have:
                     warnings.warn(
@@ -174,12 +181,12 @@ class EWCCallback(TrainerCallback):
                     f"training resumes at step {state.global_step} but {saved} does not exist, "
                     "so the regularizer keeps the state it has in this process (none in a new "
                     "one: earlier tasks unprotected). For a checkpoint outside output_dir call "
-                    "ewc_cb.load_state_dict(torch.load(<checkpoint>/"
+                    "ewc_cb.load_state_dict(ewc.integrations.read_state(<checkpoint>/"
                     f"{STATE_FILE})) before train().",
                     stacklevel=2,
                 )
         if self._pending is not None:
-            regularizer.load_state_dict(self._pending)
+            self._continual.restore(kwargs["model"], self._pending, self._source)
             self._pending = None
         self._start_step = state.global_step if state is not None else 0
         with _plain_forward(kwargs["model"]):

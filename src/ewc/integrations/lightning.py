@@ -98,9 +98,9 @@ class EWCCallback(Callback):
                 "the penalty needs every parameter whole on each process. Use "
                 'strategy="ddp" or a single device.'
             )
-        regularizer = self.continual.bind(pl_module)
         if self._pending is not None:
-            regularizer.load_state_dict(self._pending)
+            source = "the checkpoint's EWCCallback state (or the one given to load_state_dict())"
+            self.continual.restore(pl_module, self._pending, source)
             self._pending = None
         self.continual.check(pl_module, self.data, trainer.train_dataloader)
 
