@@ -61,6 +61,10 @@ _KEYS = (
 )
 
 
+#: The per-parameter state keys of the optimizers the runner builds, once they have stepped.
+_STATE_KEYS = {"Adam": {"step", "exp_avg", "exp_avg_sq"}}
+
+
 class CheckpointError(DamagedFileError):
     """A checkpoint that cannot be used: unreadable, damaged, edited, or not of this run."""
 
@@ -236,12 +240,18 @@ def _optimizer_problem(saved: Any, optimizer: torch.optim.Optimizer) -> str | No
     if not isinstance(state, dict):
         return "'optimizer.state' should be a mapping"
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if state and set(state) != set(range(len(params))):
+        return f"'optimizer.state' should hold the state of every parameter, 0 to {len(params) - 1}"
+    first = next(iter(state.values()), {})
+    keys = _STATE_KEYS.get(
+        type(optimizer).__name__, set(first) if isinstance(first, dict) else set()
+    )
     for index, entry in state.items():
         where = f"optimizer.state.{index}"
         if not isinstance(index, int) or not 0 <= index < len(params):
             return f"'optimizer.state' names parameter {short(index)} of {len(params)}"
-        if not isinstance(entry, dict):
-            return f"{where!r} should be a mapping"
+        if not isinstance(entry, dict) or set(entry) != keys:
+            return f"{where!r} should be a mapping with the keys {sorted(keys)}"
         for key, value in entry.items():
             problem = _optimizer_value_problem(value, params[index], f"{where}.{key}")
             if problem is not None:

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import reprlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,9 @@ def read_torch(
     if data is None:
         data = read_bytes(path, what, error)
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on foreign pickles: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:

@@ -53,13 +53,77 @@ def importance_summary(
             "max": float(v.max()),
         }
     summary: dict[str, Any] = {"task": task, "layers": layers}
-    first = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
-    if isinstance(first, nn.Linear) and len(input_shape) == 3:
-        name = next(n for n, p in model.named_parameters() if p is first.weight)
-        if name in importance:
-            pixels = importance[name].detach().sum(0).reshape(tuple(input_shape)).sum(0)
-            summary["input_importance"] = {
-                "shape": list(pixels.shape),
-                "values": [float(v) for v in pixels.flatten()],
-            }
+    name = _pixel_weight(model, input_shape)
+    if name in importance:
+        pixels = importance[name].detach().sum(0).reshape(tuple(input_shape)).sum(0)
+        summary["input_importance"] = {
+            "shape": list(pixels.shape),
+            "values": [float(v) for v in pixels.flatten()],
+        }
     return summary
+
+
+def _pixel_weight(model: nn.Module, input_shape: Sequence[int]) -> str | None:
+    """The name of the weight of a first Linear layer on images (a per-pixel map), else None."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
+    if not isinstance(first, nn.Linear) or len(input_shape) != 3:
+        return None
+    return next(n for n, p in model.named_parameters() if p is first.weight)
+
+
+#: The keys of a layer of :func:`importance_summary`; its histograms have this many bins.
+_LAYER_KEYS = {"label", "log10_edges", "counts", "zeros", "mean", "max"}
+_BINS = 40
+
+
+def summary_problem(
+    summary: Any, names: Sequence[str], model: nn.Module, input_shape: Sequence[int], task: int
+) -> str | None:
+    """How ``summary`` departs from what :func:`importance_summary` gives for task ``task``
+    and the regularized parameters ``names`` of ``model`` (keys, labels, bin counts that add up
+    to each parameter's size, finite numbers, the per-pixel map where there is one), or None.
+    Reads back the summaries of a checkpoint."""
+    where = f"importance[{task}]"
+    pixels = _pixel_weight(model, input_shape)
+    keys = {"task", "layers"} | ({"input_importance"} if pixels in names else set())
+    if not isinstance(summary, dict) or set(summary) != keys or summary["task"] != task:
+        return f"'{where}' should be the summary of task {task} with the keys {sorted(keys)}"
+    layers, labels = summary["layers"], parameter_labels(model)
+    params = dict(model.named_parameters())
+    if not isinstance(layers, dict) or set(layers) != set(names):
+        return f"'{where}.layers' should hold the regularized parameters {list(names)}"
+    for name, layer in layers.items():
+        ok = isinstance(layer, dict) and set(layer) == _LAYER_KEYS
+        ok = ok and layer["label"] == labels.get(name, name)
+        ok = ok and _counts(layer["counts"], _BINS) and _counts([layer["zeros"]], 1)
+        ok = ok and sum(layer["counts"]) + layer["zeros"] == params[name].numel()
+        ok = ok and _numbers(layer["log10_edges"], _BINS + 1)
+        ok = ok and _numbers([layer["mean"], layer["max"]], 2)
+        if not ok:
+            return f"'{where}.layers.{name}' is not a histogram of that parameter's importance"
+    if pixels in names:
+        image = summary["input_importance"]
+        shape = list(input_shape[1:])
+        if not isinstance(image, dict) or image.get("shape") != shape:
+            return f"'{where}.input_importance.shape' should be {shape}"
+        if not _numbers(image.get("values"), math.prod(shape)):
+            return f"'{where}.input_importance.values' should be {math.prod(shape)} numbers"
+    return None
+
+
+def _counts(values: Any, n: int) -> bool:
+    """Whether ``values`` is a list of ``n`` ints >= 0."""
+    return (
+        isinstance(values, list)
+        and len(values) == n
+        and all(type(v) is int and v >= 0 for v in values)
+    )
+
+
+def _numbers(values: Any, n: int) -> bool:
+    """Whether ``values`` is a list of ``n`` finite numbers."""
+    return (
+        isinstance(values, list)
+        and len(values) == n
+        and all(type(v) in (int, float) and math.isfinite(v) for v in values)
+    )

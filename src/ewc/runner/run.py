@@ -37,7 +37,7 @@ from ewc.runner.config import (
     build_regularizer,
     resolve_config,
 )
-from ewc.runner.importance import importance_summary
+from ewc.runner.importance import importance_summary, summary_problem
 from ewc.runner.masks import Masks
 from ewc.runner.task import (
     Batches,
@@ -60,7 +60,7 @@ _PARTIAL_SPEC: dict[str, Any] = {
     "importance": RESULTS_SPEC["importance?"],
     "timings": {"train_s": Range(0), "fisher_s": Range(0), "eval_s": Range(0), "total_s": Range(0)},
     "step": int,
-    "curves": RESULTS_SPEC["curves?"],
+    "curves": {k.replace("loss?", "loss"): v for k, v in RESULTS_SPEC["curves?"].items()},
 }
 #: Samples per batch when the regularizer reads a task's data at consolidation.
 _CONSOLIDATION_BATCH = 1024
@@ -258,7 +258,8 @@ class _Run:
             "importance": (len(saved["importance"]), tasks_done if regularized else 0),
             "step": (saved["step"], sum(self.steps_per_task[:tasks_done])),
             "curves.task_boundaries": (len(curves["task_boundaries"]), tasks_done),
-            "curves.loss": (len(curves.get("loss", curves["step"])), len(curves["step"])),
+            "curves.loss": (len(curves["loss"]), len(curves["step"])),
+            "curves.penalty": (len(curves.get("penalty", curves["step"])), len(curves["step"])),
             "curves.accuracy": (len(curves["accuracy"]), len(curves["step"])),
         }
         sizes.update({f"matrix[{i}]": (len(row), n) for i, row in enumerate(saved["matrix"])})
@@ -270,6 +271,11 @@ class _Run:
             return f"'partial.{bad}' should have size {sizes[bad][1]}, not {sizes[bad][0]}"
         if regularized != ("penalty" in curves):
             return f"'partial.curves.penalty' should {'' if regularized else 'not '}be there"
+        names = list(self.reg.importance) if self.reg is not None else []
+        for t, entry in enumerate(saved["importance"]):
+            problem = summary_problem(entry, names, self.model, self.stream.input_shape, t)
+            if problem is not None:
+                return f"partial {problem}"
         return None
 
     def train(self, t: int) -> None:
