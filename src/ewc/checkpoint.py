@@ -242,7 +242,7 @@ def _optimizer_problem(saved: Any, optimizer: torch.optim.Optimizer) -> str | No
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if state and set(state) != set(range(len(params))):
         return f"'optimizer.state' should hold the state of every parameter, 0 to {len(params) - 1}"
-    first = next(iter(state.values()), {})
+    first: Any = next(iter(state.values()), {})
     keys = _STATE_KEYS.get(
         type(optimizer).__name__, set(first) if isinstance(first, dict) else set()
     )

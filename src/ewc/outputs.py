@@ -84,7 +84,8 @@ def hold(output: str | os.PathLike[str]) -> Iterator[Path]:
 
 def _acquire(path: Path, output: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
+    host = socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "command": " ".join(sys.argv)}
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -95,7 +96,7 @@ def _acquire(path: Path, output: Path) -> None:
                 return
             except FileExistsError:
                 holder = _holder(path)
-                if holder is not None and _alive(holder, me["host"]):
+                if holder is not None and _alive(holder, host):
                     raise OutputError(
                         f"{str(output)!r} is being written by another ewc command (pid "
                         f"{holder.get('pid')} on {holder.get('host')}: "

@@ -53,9 +53,9 @@ def importance_summary(
             "max": float(v.max()),
         }
     summary: dict[str, Any] = {"task": task, "layers": layers}
-    name = _pixel_weight(model, input_shape)
-    if name in importance:
-        pixels = importance[name].detach().sum(0).reshape(tuple(input_shape)).sum(0)
+    pixel_weight = _pixel_weight(model, input_shape)
+    if pixel_weight in importance:
+        pixels = importance[pixel_weight].detach().sum(0).reshape(tuple(input_shape)).sum(0)
         summary["input_importance"] = {
             "shape": list(pixels.shape),
             "values": [float(v) for v in pixels.flatten()],
