@@ -626,7 +626,8 @@ class Recurrent(nn.Module):
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
 def test_models_torch_func_cannot_transform_fall_back_to_the_loop(cell: type[nn.Module]) -> None:
     """``vmap`` fails inside PyTorch's recurrent kernels: ``method="auto"`` computes the same
-    Fisher as the per-sample loop, saying so once (not once per batch); ``"func"`` raises."""
+    Fisher as the per-sample loop, saying so once (not once per batch); ``"func"`` raises, naming
+    the batch."""
     torch.manual_seed(0)
     model = Recurrent(cell).double()
     batches = pairs(torch.randint(0, 7, (9, 3)), torch.randint(0, 4, (9,)))
@@ -635,7 +636,7 @@ def test_models_torch_func_cannot_transform_fall_back_to_the_loop(cell: type[nn.
         assert_fisher_close(fisher_diagonal(model, batches), reference)
     assert sum("one sample at a time" in str(w.message) for w in caught) == 1
     assert all(float(f.abs().max()) > 0 for f in reference.values())
-    with pytest.raises(RuntimeError):
+    with pytest.raises(FisherError, match=r"batch 0: the model failed .*broadcast shape"):
         fisher_diagonal(model, batches, method="func")
 
 

@@ -309,6 +309,36 @@ def test_resuming_without_the_state_file_warns() -> None:
         resumed.train(resume_from_checkpoint=True)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "wrong type"])
+def test_resuming_from_a_damaged_state_file_stops_with_one_line_saying_to_delete_it(
+    damage: str,
+) -> None:
+    """A truncated ``ewc_callback.pt``, or one holding something else than a state: training
+    stops before any step with one line naming the file and the fix, never torch's advice to set
+    weights_only=False, never an unprotected resume."""
+    out = tempfile.mkdtemp()
+    model, task = build(False), TokenTask("a", 64, 0)
+    checkpointing = args(output_dir=out, save_strategy="steps", save_steps=4, max_steps=4)
+    train(
+        Trainer(model=model, args=checkpointing, train_dataset=task, callbacks=[EWCCallback(LAM)])
+    )
+    saved = Path(out) / "checkpoint-4" / "ewc_callback.pt"
+    if damage == "truncate":
+        saved.write_bytes(saved.read_bytes()[:100])
+    else:
+        torch.save(["not", "a", "state"], saved)
+    callback = EWCCallback(lam=LAM)
+    resumed = Trainer(
+        model=build(False), args=args(output_dir=out), train_dataset=task, callbacks=[callback]
+    )
+    resumed.remove_callback(PrinterCallback)
+    with pytest.raises(ewc.readback.DamagedFileError) as caught:
+        resumed.train(resume_from_checkpoint=True)
+    message = str(caught.value)
+    assert str(saved) in message and "delete" in message and "\n" not in message
+    assert "weights_only=False" not in message
+
+
 def test_resuming_another_tasks_checkpoint_warns_to_give_each_task_its_own_output_dir() -> None:
     """Tasks sharing one output_dir: task B resumed with ``resume_from_checkpoint=True`` picks
     task A's last checkpoint (written before A was consolidated) and trains 0 steps; the
