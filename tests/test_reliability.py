@@ -546,6 +546,26 @@ def test_a_damaged_callback_state_is_one_line_saying_to_delete_it(tmp_path, cont
     assert "\n" not in text
 
 
+def test_a_saved_regularizer_state_is_read_back_checked(tmp_path):
+    from ewc.readback import read_regularizer_state
+
+    model, path = MLP(), tmp_path / "ewc.pt"
+    reg = EWC(model, lam=1.0)
+    reg.consolidate([(torch.randn(8, 4), torch.randint(0, 3, (8,)))])
+    torch.save(reg.state_dict(), path)
+    other = EWC(model, lam=1.0)
+    read_regularizer_state(path, other)
+    assert other.n_tasks == 1
+    torch.save(reg.state_dict(), path)
+    with pytest.raises(
+        DamagedFileError, match=r"ewc\.pt' cannot be loaded: .*saved by EWC, not SI"
+    ):
+        read_regularizer_state(path, SI(model, lam=1.0))
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DamagedFileError, match="truncated or damaged"):
+        read_regularizer_state(path, other)
+
+
 def test_a_bad_callback_state_given_to_the_callback_names_it():
     from ewc.integrations._continual import Continual
 

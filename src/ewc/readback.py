@@ -23,7 +23,14 @@ from torch import Tensor
 
 from ewc.config import Range
 
-__all__ = ["DamagedFileError", "mismatch", "read_json", "read_torch", "tensor_mismatch"]
+__all__ = [
+    "DamagedFileError",
+    "mismatch",
+    "read_json",
+    "read_regularizer_state",
+    "read_torch",
+    "tensor_mismatch",
+]
 
 
 class DamagedFileError(ValueError):
@@ -105,6 +112,28 @@ def read_torch(
             f"{what} {str(path)!r} cannot be read: {why}, so it is not a file ewc wrote as it was "
             "written"
         ) from None
+
+
+def read_regularizer_state(
+    path: str | os.PathLike[str], regularizer: Any = None, what: str = "regularizer state"
+) -> dict[str, Any]:
+    """A regularizer's ``state_dict()`` saved with ``torch.save(reg.state_dict(), path)``, read
+    without running code and checked to be a state (a mapping with an int ``n_tasks``); with
+    ``regularizer``, loaded into it (its ``load_state_dict`` checks every key, name, shape and
+    value before changing anything). Raises :class:`DamagedFileError` naming the file and what
+    is wrong."""
+    state = read_torch(path, what)
+    if not isinstance(state, dict) or type(state.get("n_tasks", 0)) is not int:
+        raise DamagedFileError(
+            f"{what} {str(path)!r}: should be a regularizer state (a mapping with 'type', "
+            f"'n_tasks', ...), not {type(state).__name__}"
+        )
+    if regularizer is not None:
+        try:
+            regularizer.load_state_dict(state)
+        except ValueError as e:
+            raise DamagedFileError(f"{what} {str(path)!r} cannot be loaded: {e}") from None
+    return state
 
 
 def _first_line(e: BaseException) -> str:

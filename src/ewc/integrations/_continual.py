@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ewc.fisher._util import eval_mode
 from ewc.fisher.batching import Forward, call_forward, default_forward, to_device
 from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likelihood
-from ewc.readback import DamagedFileError, read_torch
+from ewc.readback import DamagedFileError, read_regularizer_state
 from ewc.regularizers import REGULARIZERS, Regularizer, make_regularizer
 
 
@@ -193,19 +193,14 @@ def _describe(batch: Any) -> str:
 
 def read_state(path: Any) -> dict[str, Any]:
     """A callback state file (``ewc_callback.pt``: a regularizer's ``state_dict``), read
-    without running code; :class:`ewc.readback.DamagedFileError` naming it when it is
-    truncated, damaged, holds other objects, or is not a mapping, with the fix (delete it)."""
-    fix = (
-        "Resuming without it would leave the earlier tasks unprotected: delete its checkpoint "
-        "folder and resume from an earlier checkpoint (or train the earlier tasks again)."
-    )
+    without running code (:func:`ewc.readback.read_regularizer_state`);
+    :class:`ewc.readback.DamagedFileError` naming it when it is truncated, damaged, holds other
+    objects, or is not a state, with the fix (delete it)."""
     try:
-        state = read_torch(path, "EWC callback state")
+        return read_regularizer_state(path, what="EWC callback state")
     except DamagedFileError as e:
-        raise DamagedFileError(f"{e}. {fix}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("n_tasks", 0), int):
         raise DamagedFileError(
-            f"EWC callback state {str(path)!r}: should be a regularizer state (a mapping with "
-            f"'type', 'n_tasks', ...), not {type(state).__name__}. {fix}"
-        )
-    return state
+            f"{e}. Resuming without it would leave the earlier tasks unprotected: delete its "
+            "checkpoint folder and resume from an earlier checkpoint (or train the earlier tasks "
+            "again)."
+        ) from None
