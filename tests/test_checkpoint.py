@@ -80,7 +80,7 @@ def test_unreadable_checkpoint_is_ignored(tmp_path):
     path = tmp_path / "r.ckpt.pt"
     path.write_bytes(b"not a checkpoint")
     cfg = RunConfig(strategy="naive", **TINY)
-    with pytest.warns(UserWarning, match="ignoring checkpoint .*the header should be"):
+    with pytest.warns(UserWarning, match="ignoring checkpoint .*does not start with the"):
         resumed = run(cfg, checkpoint=path)
     _same_results(run(cfg), resumed)
 

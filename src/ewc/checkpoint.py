@@ -117,8 +117,8 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     header, _, payload = data.partition(b"\n")
     if not header.startswith(_HEADER):
         raise CheckpointError(
-            f"checkpoint {str(path)!r}: the header should be {CHECKPOINT_SCHEMA!r} and a hash, "
-            "not what it is (a file of another version of ewc, or not a checkpoint)"
+            f"checkpoint {str(path)!r}: it does not start with the {CHECKPOINT_SCHEMA!r} header "
+            "and hash (written by another version of ewc, or not a checkpoint)"
         )
     if hashlib.sha256(payload).hexdigest().encode() != header.removeprefix(_HEADER):
         raise CheckpointError(
