@@ -496,6 +496,25 @@ def test_run_checks_the_model_before_training(model, message, monkeypatch):
         run(RunConfig(strategy="ewc", epochs=1.0), stream=_stream(), model=model)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(stream=[1, 2]), "stream should be a TaskStream"),
+        (dict(model="mlp"), "model should be a torch.nn.Module"),
+        (dict(config={"strategy": "ewc"}), "config should be ewc.RunConfig"),
+    ],
+)
+def test_run_names_an_argument_of_the_wrong_type(kwargs, message):
+    config = kwargs.pop("config", RunConfig(strategy="ewc", **TINY))
+    with pytest.raises(ValueError, match=message):
+        run(config, **kwargs)
+
+
+def test_run_checks_its_checkpoint_path_before_training(tmp_path):
+    with pytest.raises(OutputError, match="is a folder"):
+        run(RunConfig(strategy="ewc", **TINY), checkpoint=tmp_path)
+
+
 def test_run_names_an_empty_training_task_before_training():
     with pytest.raises(ValueError, match="task 'task-1' has no training samples"):
         run(RunConfig(strategy="ewc", epochs=1.0), stream=_stream(empty_first=True))

@@ -14,9 +14,24 @@ from torch import Tensor, nn
 from ewc.data.datasets import to_float
 from ewc.data.streams import Task, TaskStream
 from ewc.fisher._util import eval_mode
+from ewc.runner.config import RunConfig
 
 #: Samples of the first task fed through the model by :func:`check_model`.
 _PROBE = 2
+
+
+def check_arguments(config: Any, stream: Any, model: Any) -> None:
+    """Raise ``ValueError`` naming the argument of :func:`ewc.runner.run` that is not of its
+    type: ``config`` a ``RunConfig``, ``stream`` a ``TaskStream`` or None, ``model`` an
+    ``nn.Module`` or None."""
+    wanted = (
+        ("config", config, RunConfig, "ewc.RunConfig(...)"),
+        ("stream", stream, TaskStream | None, "a TaskStream (ewc.data.stream_from_tensors)"),
+        ("model", model, nn.Module | None, "a torch.nn.Module"),
+    )
+    for name, value, kind, what in wanted:
+        if not isinstance(value, kind):
+            raise ValueError(f"run(): {name} should be {what}, not {type(value).__name__}")
 
 
 def check_tasks(tasks: Sequence[Task], eval_sets: Sequence[Any], evaluate_on: str) -> None:

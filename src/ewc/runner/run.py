@@ -25,11 +25,12 @@ from ewc.data.streams import Task, TaskStream, make_stream
 from ewc.logger import ScalarLogger
 from ewc.metrics import compute_metrics
 from ewc.models import build_model
+from ewc.outputs import check_paths
 from ewc.progress import Progress
 from ewc.readback import mismatch
 from ewc.regularizers import Regularizer
 from ewc.results import RESULTS_SCHEMA, RESULTS_SPEC
-from ewc.runner.checks import check_model, check_tasks
+from ewc.runner.checks import check_arguments, check_model, check_tasks
 from ewc.runner.config import (
     REGULARIZED,
     RunConfig,
@@ -96,6 +97,8 @@ def run(
             uniform guess's) or the weights blew up or became NaN or infinite (the step or λ is
             too large); checked at each curve point and at the end of each task.
     """
+    check_arguments(config, stream, model)
+    check_paths([] if checkpoint is None else [checkpoint], [] if log_dir is None else [log_dir])
     cfg = resolve_config(config, own_stream=stream is not None)
     settings = applicable_settings(cfg, own_model=model is not None, own_stream=stream is not None)
     if stream is not None:
