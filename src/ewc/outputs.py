@@ -72,7 +72,8 @@ def hold(output: str | os.PathLike[str]) -> Iterator[Path]:
     Raises :class:`ewc.results.OutputError` naming the output and the holder when another
     living process holds it. Under torchrun rank 0 holds it for every rank."""
     path = lock_path(output)
-    if not distributed.is_main_process():
+    # Under torchrun the process group may not be set up yet: RANK says which process this is.
+    if not distributed.is_main_process() or os.environ.get("RANK", "0") != "0":
         yield path
         return
     _acquire(path, Path(output))
