@@ -595,6 +595,15 @@ def test_a_bad_callback_state_given_to_the_callback_names_it():
         continual.restore(MLP(), state, "here")
 
 
+@pytest.mark.parametrize("given", [torch.ones(3), [1, 2], "state"])
+def test_a_callback_state_of_the_wrong_type_is_refused_when_training_starts(given):
+    from ewc.integrations._continual import Continual, pending
+
+    with pytest.raises(DamagedFileError, match="must be a dict from state_dict"):
+        Continual(1.0, "ewc", None, {}).restore(MLP(), pending(given), "the given state")
+    assert pending({}) is None and pending(None) is None
+
+
 def test_callback_data_without_batches_fails_when_training_starts():
     from ewc.integrations._continual import Continual
 

@@ -3,7 +3,7 @@ use, and the data it consolidates from."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -149,6 +149,13 @@ class Continual:
         (a ``DataLoader``, a list of batches) or a map-style ``Dataset``, batched like ``like``
         (the trainer's training loader: its batch size and collate function)."""
         self.bind(model).consolidate(as_batches(data, like))
+
+
+def pending(state: Any) -> Any:
+    """A state given to a callback's ``load_state_dict``, to load when training starts: None for
+    an empty one (``state_dict()`` before the first training); anything else is kept as given,
+    for :meth:`Continual.restore` to check (a tensor or list is refused there, by name)."""
+    return None if state is None or (isinstance(state, Mapping) and not state) else state
 
 
 def as_batches(data: Any, like: DataLoader | None) -> Iterable[Any]:

@@ -59,7 +59,7 @@ from ewc.fisher.errors import FisherError
 from ewc.regularizers import Regularizer
 from ewc.results import atomic_write_bytes
 
-from ._continual import Continual, read_state
+from ._continual import Continual, pending, read_state
 
 _transformers = require("transformers", "hf")
 #: ``transformers.TrainerCallback`` (typed ``Any``: the framework is an optional dependency)
@@ -151,7 +151,7 @@ class EWCCallback(TrainerCallback):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; loaded into the regularizer (and checked) when
         ``train`` starts."""
-        self._pending, self._source = state_dict or None, _GIVEN
+        self._pending, self._source = pending(state_dict), _GIVEN
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         sharded = [name for name in ("deepspeed", "fsdp") if getattr(args, name, None)]

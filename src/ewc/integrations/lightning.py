@@ -46,7 +46,7 @@ from ewc._optional import require
 from ewc.fisher.batching import Forward
 from ewc.regularizers import Regularizer
 
-from ._continual import Continual
+from ._continual import Continual, pending
 
 #: ``lightning.pytorch.Callback`` (typed ``Any``: the framework is an optional dependency)
 Callback: Any = require("lightning.pytorch", "lightning").Callback
@@ -137,7 +137,7 @@ class EWCCallback(Callback):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (e.g. in a new process); it is loaded into the
         regularizer when the next ``fit`` starts."""
-        self._pending = state_dict or None
+        self._pending = pending(state_dict)
 
 
 def _enabled_scaler(trainer: Any) -> GradScaler | None:
