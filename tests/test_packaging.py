@@ -16,7 +16,17 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-OPTIONAL = ("matplotlib", "yaml", "ruamel", "sklearn", "tqdm", "transformers", "peft", "lightning")
+OPTIONAL = (
+    "matplotlib",
+    "yaml",
+    "ruamel",
+    "sklearn",
+    "tqdm",
+    "transformers",
+    "peft",
+    "lightning",
+    "trl",
+)
 
 
 def python(code: str) -> subprocess.CompletedProcess[str]:
@@ -25,9 +35,10 @@ def python(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_core_dependencies_are_torch_and_numpy() -> None:
+def test_core_dependencies_are_torch_numpy_and_safetensors() -> None:
+    """safetensors (no dependencies of its own) writes and reads importance files."""
     names = [re.split(r"[<>=!~ ;\[]", d)[0] for d in PYPROJECT["project"]["dependencies"]]
-    assert sorted(names) == ["numpy", "torch"]
+    assert sorted(names) == ["numpy", "safetensors", "torch"]
 
 
 def test_importing_ewc_and_its_core_imports_no_extra() -> None:

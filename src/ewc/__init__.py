@@ -7,6 +7,8 @@ The small public API::
     reg = ewc.EWC(model, lam=1e4)                            # also OnlineEWC, SI, MAS, L2, KFAC
     loss = task_loss + reg.penalty()                         # while training a task
     reg.consolidate(batches)                                 # after it
+    reg.save_pretrained("fisher/")                           # importance file (safetensors)
+    reg = ewc.EWC.from_pretrained(model, "fisher/", lam=1e4) # start from it as "task 0"
 
     result = ewc.run(ewc.RunConfig(benchmark="split-mnist", strategy="ewc"))
 """
@@ -20,6 +22,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 from ewc.data import load_dataset, make_stream, stream_from_tensors
 from ewc.fisher import fisher_diagonal
+from ewc.importance_file import ImportanceFile, load_importance
 from ewc.metrics import compute_metrics, summarize
 from ewc.models import MLP, SimpleCNN
 from ewc.regularizers import EWC, KFAC, L2, MAS, SI, OnlineEWC, Regularizer, make_regularizer
@@ -33,6 +36,7 @@ __all__ = [
     "MAS",
     "MLP",
     "SI",
+    "ImportanceFile",
     "OnlineEWC",
     "Regularizer",
     "RunConfig",
@@ -42,6 +46,7 @@ __all__ = [
     "compute_metrics",
     "fisher_diagonal",
     "load_dataset",
+    "load_importance",
     "load_results",
     "make_regularizer",
     "make_stream",

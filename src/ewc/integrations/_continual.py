@@ -3,6 +3,7 @@ use, and the data it consolidates from."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -13,8 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 from ewc.fisher._util import eval_mode
 from ewc.fisher.batching import Forward, call_forward, default_forward, to_device
 from ewc.fisher.likelihoods import SeededGenerator, output_grads, resolve_likelihood
+from ewc.importance_file import ImportanceFile, load_importance
 from ewc.readback import DamagedFileError, read_regularizer_state
-from ewc.regularizers import REGULARIZERS, Regularizer, make_regularizer
+from ewc.regularizers import REGULARIZERS, QuadraticRegularizer, Regularizer, make_regularizer
 
 
 class Continual:
@@ -28,18 +30,40 @@ class Continual:
             data (``uses_data``: EWC, online EWC, MAS, ...); ``None``: ``model(x), y``.
         options: more keyword arguments of the regularizer (``fisher=``, ``fisher_samples=``,
             ``gamma=``, ``xi=``, ...).
+        start_from: an importance folder (:func:`ewc.load_importance`: e.g. ``ewc fisher``'s
+            output for the base model) or an :class:`~ewc.importance_file.ImportanceFile`,
+            merged as a consolidated "task 0" when the regularizer is built, so the first
+            training is already penalised. Read and checked here; its names and shapes are
+            checked against the model when training starts.
 
     Every argument is checked here, on a one-parameter stand-in model, so a bad value fails
     when the callback is built rather than after the first task's training.
     """
 
     def __init__(
-        self, lam: float, strategy: str, forward: Forward | None, options: dict[str, Any]
+        self,
+        lam: float,
+        strategy: str,
+        forward: Forward | None,
+        options: dict[str, Any],
+        start_from: str | os.PathLike[str] | ImportanceFile | None = None,
     ) -> None:
         if strategy not in REGULARIZERS:
             raise ValueError(
                 f"unknown strategy={strategy!r}; choose one of {', '.join(REGULARIZERS)}."
             )
+        build = REGULARIZERS[strategy].build
+        if start_from is not None and not (
+            isinstance(build, type) and issubclass(build, QuadraticRegularizer)
+        ):
+            raise ValueError(
+                f"start_from needs a diagonal strategy (ewc, online-ewc, mas, si, l2); "
+                f"{strategy!r} keeps no per-parameter importance to start from."
+            )
+        if start_from is None or isinstance(start_from, ImportanceFile):
+            self.start_from = start_from
+        else:
+            self.start_from = load_importance(start_from)
         self.strategy = strategy
         self.kwargs = dict(options, lam=lam)
         if forward is not None and REGULARIZERS[strategy].uses_data:
@@ -59,6 +83,9 @@ class Continual:
             new = self._build(model)
             if self.regularizer is not None:
                 new.load_state_dict(self.regularizer.state_dict())
+            elif self.start_from is not None:
+                assert isinstance(new, QuadraticRegularizer)  # checked in __init__
+                self.start_from.apply_to(new)
             self.regularizer, self._model = new, model
         return self.regularizer
 

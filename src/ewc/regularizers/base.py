@@ -74,9 +74,11 @@ devices. Batches given to ``consolidate`` are moved to the model's device, and u
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +94,8 @@ from ewc.regularizers.checks import (
 )
 
 __all__ = ["QuadraticRegularizer", "Regularizer"]
+
+_Q = TypeVar("_Q", bound="QuadraticRegularizer")
 
 
 @runtime_checkable
@@ -431,6 +435,75 @@ class QuadraticRegularizer(ABC):
         for key, saved in tensors.items():
             for own_t, n in zip(self._state_tensors(key), self._names, strict=True):
                 own_t.copy_(saved[n])  # copy_ converts device and dtype
+
+    # ------------------------------------------------------------------ importance files
+
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        data: Mapping[str, Any] | None = None,
+        n_samples: int | None = None,
+    ) -> Path:
+        """Write the merged importance and anchor as an importance folder
+        (``importance.safetensors`` + ``importance.json``, :mod:`ewc.importance_file`), for
+        :func:`ewc.load_importance` / :meth:`from_pretrained` in later fine-tunes.
+
+        Args:
+            directory: the folder (created if needed; the two files are replaced atomically).
+            data: a description of the data the importance came from, stored as is (JSON:
+                e.g. ``{"name": "wikitext sample", "path": ...}``).
+            n_samples: how many samples it was estimated from (``None``: not recorded).
+
+        Raises ``ValueError`` before the first :meth:`consolidate` (nothing to save) or when
+        the importance is negative somewhere (SI's path integral: importance files hold >= 0).
+        """
+        from ewc.importance_file import ImportanceFile
+        from ewc.regularizers.registry import REGULARIZERS
+
+        if self.n_tasks == 0:
+            raise ValueError(
+                f"{type(self).__name__} has consolidated no task yet: there is no importance to "
+                "save. Call consolidate(batches) first."
+            )
+        if n_samples is not None and (
+            isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1
+        ):
+            raise ValueError(f"n_samples must be a positive int or None; got {n_samples!r}.")
+        strategy = next(
+            (s.name for s in REGULARIZERS.values() if s.build is type(self)), type(self).__name__
+        )
+        return ImportanceFile(
+            importance=dict(self.importance),
+            anchor=dict(self.anchor),
+            strategy=strategy,
+            fisher=getattr(self, "fisher", None),
+            n_samples=n_samples,
+            n_tasks=self.n_tasks,
+            mode=self.mode,
+            gamma=self.gamma,
+            data=dict(data or {}),
+            model={"class": type(self.model).__name__},
+        ).save(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[_Q],
+        model: nn.Module,
+        directory: str | os.PathLike[str],
+        lam: float,
+        **kwargs: Any,
+    ) -> _Q:
+        """``cls(model, lam, **kwargs)`` started from an importance folder: the file's
+        importance and anchor merged as one consolidated task ("task 0", e.g. the base model's
+        Fisher on general text). Names and shapes are checked against the model's trainable
+        parameters (:meth:`ewc.importance_file.ImportanceFile.apply_to`)."""
+        from ewc.importance_file import load_importance
+
+        file = load_importance(directory)
+        regularizer = cls(model, lam, **kwargs)
+        file.apply_to(regularizer)
+        return regularizer
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:  # noqa: B027 (a hook)
         """Validate a subclass's own scalars in ``state`` (before :meth:`load_state_dict`
