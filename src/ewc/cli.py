@@ -1,4 +1,4 @@
-"""The ``ewc`` command line: ``ewc run | compare | sweep | demo | report``.
+"""The ``ewc`` command line: ``ewc run | compare | sweep | demo | report | fisher``.
 
 Every option can also come from a YAML or TOML file (``--config FILE``) whose keys are
 :class:`ewc.runner.RunConfig` fields; options given on the command line win. Bad input ends
@@ -277,7 +277,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="HTML + Markdown report from results files")
     p.add_argument("results", nargs="+", type=_path, help="results JSON files (and a sweep.json)")
     p.add_argument("--out", type=_path, required=True, help="report file (.html)")
+    _add_fisher_parser(sub)
     return parser
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _add_fisher_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "fisher",
+        help="the Fisher of a Hugging Face model on a text file, as an importance folder",
+        description="Compute the diagonal Fisher of a local Hugging Face model folder (causal LM "
+        "or sequence classifier, or a PEFT adapter folder) on a .txt or .jsonl file, once, and "
+        "write it as an importance folder (importance.safetensors + importance.json) that "
+        "EWC.from_pretrained and the trainer callbacks' start_from read.",
+        epilog="Example: ewc fisher --model models/base --data general.txt --out fisher/base",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model folder (save_pretrained)")
+    p.add_argument("--data", type=Path, required=True, help=".txt (a sample a line) or .jsonl")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--kind",
+        choices=FISHER_KINDS,
+        help="Fisher kind (default: sampled for a causal LM, exact for a classifier)",
+    )
+    p.add_argument("--samples", type=_positive, help="use the first N samples (default: all)")
+    p.add_argument("--max-length", type=_positive, default=256, help="tokens per sample at most")
+    p.add_argument("--batch-size", type=_positive, default=8, help="samples per pass")
+    p.add_argument("--text-field", default="text", help="the text's field in a .jsonl file")
+    p.add_argument("--label-field", help="a classifier's label field in a .jsonl file")
+    p.add_argument(
+        "--paragraphs", action="store_true", help=".txt: a sample per blank-line-separated block"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled labels")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--threads", type=_threads, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _run_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -535,12 +579,39 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {_shown(html)}\nsummary: {_shown(md)}")
 
 
+def _cmd_fisher(args: argparse.Namespace) -> None:
+    from ewc.lm import compute_fisher
+
+    check_output(args.out, folder=True, inputs=[args.data])
+    file = compute_fisher(
+        args.model,
+        args.data,
+        kind=args.kind,
+        samples=args.samples,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        paragraphs=args.paragraphs,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    file.save(args.out)
+    total = sum(f.numel() for f in file.importance.values())
+    print(
+        f"{file.fisher} Fisher of {file.model['class']} ({len(file.importance)} tensors, "
+        f"{total} parameters) on {file.n_samples} samples of {args.data}: {args.out}"
+    )
+
+
 COMMANDS = {
     "run": _cmd_run,
     "compare": _cmd_compare,
     "sweep": _cmd_sweep,
     "demo": _cmd_demo,
     "report": _cmd_report,
+    "fisher": _cmd_fisher,
 }
 
 
