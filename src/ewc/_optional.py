@@ -15,6 +15,7 @@ EXTRAS = {
     "cli": "the command line's YAML configs and progress bars (ruamel.yaml, tqdm)",
     "digits": "the offline scikit-learn digits benchmarks (scikit-learn)",
     "hf": "the Hugging Face Trainer callback (transformers, peft)",
+    "trl": "TRL's trainers with the callbacks (trl, datasets)",
     "lightning": "the Lightning callback (lightning)",
     "tensorboard": "TensorBoard event files (tensorboard)",
 }

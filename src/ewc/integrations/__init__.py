@@ -12,9 +12,14 @@ penalty's gradient :math:`\\lambda\\bar F(\\theta-\\bar\\theta)` once per optimi
 the parameters with ``requires_grad=True`` when the first training starts are regularized (with
 a PEFT model: the adapter and the other trainable modules, not the frozen base).
 
+Each module also has a forgetting meter (``ForgettingMeterCallback`` / ``ForgettingMeter``):
+the loss and accuracy on reference data every N steps, logged through the trainer's loggers;
+:func:`reference_loss` measures them once.
+
 Importing this package imports neither framework; each submodule imports its own.
 """
 
 from ewc.integrations._continual import read_state
+from ewc.integrations._meter import reference_loss
 
-__all__ = ["read_state"]
+__all__ = ["read_state", "reference_loss"]

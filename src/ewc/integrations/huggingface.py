@@ -42,7 +42,9 @@ tasks unprotected.
 
 from __future__ import annotations
 
+import inspect
 import io
+import os
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -56,10 +58,12 @@ from torch import Tensor, nn
 from ewc._optional import require
 from ewc.fisher.batching import Forward
 from ewc.fisher.errors import FisherError
+from ewc.importance_file import ImportanceFile
 from ewc.regularizers import Regularizer
 from ewc.results import atomic_write_bytes
 
 from ._continual import Continual, pending, read_state
+from ._meter import ReferenceMeter, penalty_of
 
 _transformers = require("transformers", "hf")
 #: ``transformers.TrainerCallback`` (typed ``Any``: the framework is an optional dependency)
@@ -69,7 +73,13 @@ STATE_FILE = "ewc_callback.pt"
 #: Where a state given to ``load_state_dict`` came from, for messages.
 _GIVEN = "the state given to EWCCallback.load_state_dict()"
 
-__all__ = ["STATE_FILE", "EWCCallback", "logits_and_labels", "next_token_logits_and_labels"]
+__all__ = [
+    "STATE_FILE",
+    "EWCCallback",
+    "ForgettingMeterCallback",
+    "logits_and_labels",
+    "next_token_logits_and_labels",
+]
 
 
 def logits_and_labels(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
@@ -113,6 +123,10 @@ class EWCCallback(TrainerCallback):
             training dataloader. A public attribute: set it again before each task if needed.
         forward: ``forward(model, batch) -> (output, target)``; default
             :func:`logits_and_labels`.
+        start_from: an importance folder (``ewc fisher``'s output, ``reg.save_pretrained``)
+            or :class:`~ewc.importance_file.ImportanceFile`: its importance and anchor are
+            "task 0" (e.g. the base model's abilities), so the first ``train()`` is penalised
+            too. Read when the callback is built; matched to the model when training starts.
         options: passed to the regularizer, e.g. ``fisher="empirical"``,
             ``fisher_samples=2000``, ``gamma=0.9`` (online EWC), ``xi=0.1`` (SI).
 
@@ -129,9 +143,10 @@ class EWCCallback(TrainerCallback):
         strategy: str = "ewc",
         data: Any = None,
         forward: Forward = logits_and_labels,
+        start_from: str | os.PathLike[str] | ImportanceFile | None = None,
         **options: Any,
     ) -> None:
-        self._continual = Continual(lam, strategy, forward, options)
+        self._continual = Continual(lam, strategy, forward, options, start_from)
         self.data = data
         self._pending: Mapping[str, Any] | None = None
         self._source = _GIVEN  # where _pending came from, for messages
@@ -237,6 +252,81 @@ class EWCCallback(TrainerCallback):
         data = self.data if self.data is not None else loader
         with _plain_forward(model):
             self._continual.consolidate(model, data, like=loader)
+
+
+class ForgettingMeterCallback(TrainerCallback):
+    """Logs the loss and accuracy on reference data every ``every`` optimizer steps through the
+    Trainer's own ``log`` (so into ``state.log_history`` and every ``report_to`` logger:
+    TensorBoard, CSV, W&B, ...), with their change since the start of training and the EWC
+    penalty when an :class:`EWCCallback` is among the trainer's callbacks.
+
+    Usage: ``Trainer(..., callbacks=[ewc_cb, ForgettingMeterCallback(task_a_batches,
+    forward=next_token_logits_and_labels)])``. The first measurement, at the start of the first
+    ``train()`` the meter sees, is the baseline of the ``*_change`` values (build a new meter to
+    measure from another start); the last is at the final step.
+
+    Args:
+        data: the reference data: batches (a list of batch dicts, e.g. from
+            :func:`ewc.lm.text_batches`, or a ``DataLoader``) or a map-style dataset.
+        every: optimizer steps between measurements.
+        forward: ``forward(model, batch) -> (logits, labels)``; default
+            :func:`logits_and_labels`, for a causal LM :func:`next_token_logits_and_labels`.
+        name: metric prefix: ``{name}/loss``, ``{name}/loss_change`` (relative),
+            ``{name}/accuracy``, ``{name}/accuracy_change``; and ``ewc/penalty``.
+        batch_size: the batch size for a map-style ``data``.
+
+    Attributes:
+        history: every measurement, ``{"step": ..., metric: value}``.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        every: int = 50,
+        forward: Forward = logits_and_labels,
+        name: str = "reference",
+        batch_size: int = 16,
+    ) -> None:
+        self.meter = ReferenceMeter(data, forward, name, every, batch_size)
+        self._trainer: Any = None
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.meter.history
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._trainer = _calling_trainer()
+        self._log(state, control, kwargs["model"])
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.meter.due(state.global_step) or state.global_step == state.max_steps:
+            self._log(state, control, kwargs["model"])
+
+    def _log(self, state: Any, control: Any, model: nn.Module) -> None:
+        if state.global_step == self.meter.last_step:
+            return
+        trainer = self._trainer
+        penalty = penalty_of(trainer.callback_handler.callbacks)
+        metrics = self.meter.measure(model, state.global_step, penalty)
+        should_log = control.should_log  # Trainer.log resets it: keep the loss log of this step
+        trainer.log(dict(metrics))
+        control.should_log = should_log
+
+
+def _calling_trainer() -> Any:
+    """The ``transformers.Trainer`` whose callback handler is running: the first caller frame
+    whose ``self`` is one (a callback receives the model and data, not the trainer)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, _transformers.Trainer):
+            return owner
+        frame = frame.f_back
+    raise ValueError(
+        "ForgettingMeterCallback logs through its Trainer, but no transformers.Trainer is "
+        "calling it; pass it in Trainer(callbacks=[...]) or trainer.add_callback(...)."
+    )
 
 
 def _checkpoint_folder(args: Any, state: Any) -> Path:

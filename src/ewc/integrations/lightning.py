@@ -37,21 +37,24 @@ checkpoints and restored by ``fit(ckpt_path=...)`` or :meth:`~EWCCallback.load_s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from torch.amp.grad_scaler import GradScaler, OptState
 
 from ewc._optional import require
-from ewc.fisher.batching import Forward
+from ewc.fisher.batching import Forward, default_forward
+from ewc.importance_file import ImportanceFile
 from ewc.regularizers import Regularizer
 
 from ._continual import Continual, pending
+from ._meter import ReferenceMeter, penalty_of
 
 #: ``lightning.pytorch.Callback`` (typed ``Any``: the framework is an optional dependency)
 Callback: Any = require("lightning.pytorch", "lightning").Callback
 
-__all__ = ["EWCCallback"]
+__all__ = ["EWCCallback", "ForgettingMeter"]
 
 
 class EWCCallback(Callback):
@@ -66,6 +69,9 @@ class EWCCallback(Callback):
             reassign ``callback.data`` before each task.
         forward: ``forward(module, batch) -> (output, target)`` for the strategies that read
             data; default ``module(batch[0]), batch[1]``.
+        start_from: an importance folder (``ewc fisher``'s output, ``reg.save_pretrained``)
+            or :class:`~ewc.importance_file.ImportanceFile`, merged as "task 0" when the first
+            ``fit`` starts (matched to the module's trainable parameters by name).
         **options: further arguments of the strategy (``fisher="exact"``,
             ``fisher_samples=1000``, ``gamma=0.9``, ``xi=0.1``, ...).
     """
@@ -77,9 +83,10 @@ class EWCCallback(Callback):
         strategy: str = "ewc",
         data: Any = None,
         forward: Forward | None = None,
+        start_from: str | os.PathLike[str] | ImportanceFile | None = None,
         **options: Any,
     ) -> None:
-        self.continual = Continual(lam, strategy, forward, options)
+        self.continual = Continual(lam, strategy, forward, options, start_from)
         self.data = data
         self._pending: Mapping[str, Any] | None = None
         self._step_scale: float | None = None  # the loss scale at a step not yet followed up
@@ -138,6 +145,62 @@ class EWCCallback(Callback):
         """Restore :meth:`state_dict` output (e.g. in a new process); it is loaded into the
         regularizer when the next ``fit`` starts."""
         self._pending = pending(state_dict)
+
+
+class ForgettingMeter(Callback):
+    """Logs the loss and accuracy on reference data every ``every`` optimizer steps to the
+    trainer's loggers (``trainer.loggers``: TensorBoard, CSV, ...; rank 0 writes), with their
+    change since the start of training and the penalty of an :class:`EWCCallback` among the
+    trainer's callbacks.
+
+    The first measurement, when the first ``fit`` the meter sees starts, is the baseline of the
+    ``*_change`` values; the last is at the end of training.
+
+    Args:
+        data: batches (a DataLoader, a list) or a map-style Dataset of reference samples.
+        every: optimizer steps between measurements.
+        forward: ``forward(module, batch) -> (logits, labels)``; default
+            ``module(batch[0]), batch[1]``. Labels of ``-100`` are not counted.
+        name: metric prefix: ``{name}/loss``, ``{name}/loss_change`` (relative),
+            ``{name}/accuracy``, ``{name}/accuracy_change``; and ``ewc/penalty``.
+        batch_size: the batch size for a map-style ``data``.
+
+    Attributes:
+        history: every measurement, ``{"step": ..., metric: value}``.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        every: int = 50,
+        forward: Forward | None = None,
+        name: str = "reference",
+        batch_size: int = 16,
+    ) -> None:
+        self.meter = ReferenceMeter(data, forward or default_forward, name, every, batch_size)
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.meter.history
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._log(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.meter.due(trainer.global_step):
+            self._log(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_step != self.meter.last_step:
+            self._log(trainer, pl_module)
+
+    def _log(self, trainer: Any, pl_module: Any) -> None:
+        metrics = self.meter.measure(pl_module, trainer.global_step, penalty_of(trainer.callbacks))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def _enabled_scaler(trainer: Any) -> GradScaler | None:
