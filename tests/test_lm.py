@@ -219,6 +219,7 @@ def test_ewc_fisher_of_a_sequence_classifier(bert_dir: Path, tmp_path: Path) -> 
         ({"--data": "nowhere.txt"}, "data file '.*nowhere.txt' does not exist"),
         ({"--kind": "exact"}, "exact Fisher of a causal LM .* use --kind sampled"),
         ({"--samples": "0"}, "expected an integer >= 1, got '0'"),
+        ({"--device": "toaster"}, "unknown device 'toaster'; use cpu or cuda"),
         ({"--out": "general.txt"}, "is a file; name a folder"),
     ],
 )

@@ -284,6 +284,12 @@ def compute_fisher(
             raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2 (tokens); got {max_length!r}")
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu or cuda") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available; use cpu")
     texts, labels = read_texts(data_path, text_field, label_field, paragraphs)
     loaded = load_model(model_path)
     task = loaded.task
