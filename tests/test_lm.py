@@ -65,7 +65,7 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         n_embd=16,
         n_layer=1,
         n_head=2,
-        n_positions=32,
+        n_positions=64,
         bos_token_id=0,
         eos_token_id=0,
     )
@@ -165,6 +165,17 @@ def test_the_empirical_fisher_does_not_depend_on_the_batch_size(
     assert one.n_samples == three.n_samples == 4
     for name, f in one.importance.items():
         torch.testing.assert_close(three.importance[name], f, rtol=1e-4, atol=1e-9)
+
+
+def test_samples_longer_than_the_model_are_cut_at_its_positions(
+    gpt2_dir: Path, tmp_path: Path
+) -> None:
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(LINES * 5) + "\n" + LINES[0] + "\n")  # ~150 tokens; 64 positions
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        file = compute_fisher(gpt2_dir, long, max_length=256)
+    assert file.data["max_length"] == 64 and file.n_samples == 2
 
 
 def test_batches_are_tokenized_one_at_a_time(gpt2_dir: Path) -> None:

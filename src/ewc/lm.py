@@ -109,10 +109,9 @@ def load_model(path: str | os.PathLike[str]) -> LanguageModel:
     else:
         model = getattr(transformers, auto[0]).from_pretrained(folder)
     model.eval()
+    inner = model.get_base_model() if adapter.is_file() else model
     description = {
-        "class": type(getattr(model, "base_model", model).model).__name__
-        if adapter.is_file()
-        else type(model).__name__,
+        "class": type(inner).__name__,
         "path": str(folder.resolve()),
         "task": task,
         "adapter": adapter.is_file(),
@@ -266,7 +265,8 @@ def compute_fisher(
             classifier. ``"empirical"`` uses the text's own next tokens (causal LM) or the
             ``label_field`` labels (classifier).
         samples: use the first ``samples`` samples (``None``: all).
-        max_length: tokens per sample at most (longer samples are cut).
+        max_length: tokens per sample at most (longer samples are cut; at most the model's
+            number of positions, ``config.max_position_embeddings`` / ``n_positions``).
         batch_size: samples per forward/backward pass (memory grows with it, not with
             ``samples``).
         seed: seeds the labels ``"sampled"`` draws.
@@ -299,7 +299,9 @@ def compute_fisher(
             f"the {kind} Fisher of a sequence classifier needs the true labels: give a .jsonl "
             "file with a label per sample and --label-field (or use --kind exact or sampled)"
         )
-    vocab = int(getattr(loaded.model.config, "vocab_size", 0) or 0)
+    config = loaded.model.config
+    max_length = min(max_length, getattr(config, "max_position_embeddings", None) or max_length)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
     if task == CAUSAL and kind == "exact" and vocab * (max_length - 1) > MAX_EXACT_PASSES:
         raise ValueError(
             f"the exact Fisher of a causal LM takes one backward pass per position and vocabulary "
