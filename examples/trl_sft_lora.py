@@ -157,8 +157,14 @@ def main(
 
     # Task A: a LoRA adapter on the base learns text A.
     torch.manual_seed(seed)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    lora.task_type = "CAUSAL_LM"
+    lora = LoraConfig(  # fan_in_fan_out: GPT-2's Conv1D stores its weight transposed
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        fan_in_fan_out=True,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
     sft(model, tokenizer, text_a, root / "task-a", seed, [])
     model.save_pretrained(adapter)

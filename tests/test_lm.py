@@ -263,7 +263,9 @@ def lora_adapter(base: Path, folder: Path) -> Path:
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn"], task_type="CAUSAL_LM", fan_in_fan_out=True
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # a trained adapter: B != 0, so both A and B get gradients
         for name, p in peft_model.named_parameters():
@@ -375,9 +377,10 @@ def test_reference_loss_of_a_classifier_counts_accuracy(bert_dir: Path) -> None:
         )
     )
     loss, accuracy = ewc.integrations.reference_loss(loaded.model, batches, logits_and_labels)
-    logits = torch.cat(
-        [loaded.model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
-    )
+    with torch.no_grad():  # the model is in eval mode already (from_pretrained)
+        logits = torch.cat(
+            [loaded.model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
+        )
     labels = torch.tensor([0, 1, 2, 0, 1])
     assert loss == pytest.approx(float(nn.functional.cross_entropy(logits, labels)), rel=1e-5)
     assert accuracy == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
