@@ -231,6 +231,8 @@ def test_ewc_fisher_of_a_sequence_classifier(bert_dir: Path, tmp_path: Path) -> 
         ({"--kind": "exact"}, "exact Fisher of a causal LM .* use --kind sampled"),
         ({"--samples": "0"}, "expected an integer >= 1, got '0'"),
         ({"--device": "toaster"}, "unknown device 'toaster'; use cpu or cuda"),
+        ({"--data": "latin1.txt"}, "latin1.txt' is not UTF-8 text"),
+        ({"--model": "SMALL_VOCAB"}, r"has \d+ tokens but the model's vocabulary has 50"),
         ({"--out": "general.txt"}, "is a file; name a folder"),
     ],
 )
@@ -246,9 +248,15 @@ def test_bad_input_fails_up_front_naming_it(
     (folder / "empty.txt").write_text("\n  \n")
     (folder / "data.csv").write_text("a,b\n")
     (folder / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no"}\n')
+    (folder / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    small = tmp_path / "small-vocab"  # a tokenizer that does not belong to the model
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.GPT2Config(vocab_size=50, n_embd=8, n_layer=1, n_head=1)
+    ).save_pretrained(small)
+    transformers.AutoTokenizer.from_pretrained(gpt2_dir).save_pretrained(small)
     options = {"--model": str(gpt2_dir), "--data": str(text_file), "--out": str(tmp_path / "f")}
     for flag, value in change.items():
-        options[flag] = str(folder) if value == "DATA_DIR" else value
+        options[flag] = {"DATA_DIR": str(folder), "SMALL_VOCAB": str(small)}.get(value, value)
         if flag in ("--data", "--out") and "/" not in value:
             options[flag] = str(folder / value)
     args = [part for pair in options.items() for part in pair]

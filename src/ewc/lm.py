@@ -151,7 +151,12 @@ def read_texts(
         )
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"data file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     labels: list[int] | None = None
     if path.suffix == ".txt":
         if label_field is not None:
@@ -302,6 +307,11 @@ def compute_fisher(
     config = loaded.model.config
     max_length = min(max_length, getattr(config, "max_position_embeddings", None) or max_length)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab and len(loaded.tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer in {str(model_path)!r} has {len(loaded.tokenizer)} tokens but the "
+            f"model's vocabulary has {vocab}: save the model's own tokenizer into its folder"
+        )
     if task == CAUSAL and kind == "exact" and vocab * (max_length - 1) > MAX_EXACT_PASSES:
         raise ValueError(
             f"the exact Fisher of a causal LM takes one backward pass per position and vocabulary "
