@@ -616,11 +616,14 @@ COMMANDS = {
 
 
 def _require_extras(args: argparse.Namespace) -> None:
-    """Name a missing extra before any work: the report needs matplotlib ([plots]), progress
-    bars need tqdm ([cli]); ``--no-report`` and ``--quiet`` do without them. ``--log-dir``
-    without TensorBoard writes its CSV file alone, and says so."""
+    """Name a missing extra before any work: the report needs matplotlib ([plots]), ``ewc
+    fisher`` transformers ([hf]), progress bars need tqdm ([cli]); ``--no-report`` and
+    ``--quiet`` do without them. ``--log-dir`` without TensorBoard writes its CSV file alone,
+    and says so."""
     if args.command in ("report", "demo"):
         require("matplotlib", "plots")
+    elif args.command == "fisher":
+        require("transformers", "hf")
     elif not args.no_report:
         require("matplotlib", "plots", "pass --no-report")
     if not getattr(args, "quiet", True):
