@@ -177,12 +177,12 @@ class ImportanceFile:
         frozen weight cannot move, so their penalty would be a constant)."""
         model = regularizer.model
         trainable = {canonical_name(n): n for n in regularizer.importance}
-        shapes = {canonical_name(n): (n, p.shape) for n, p in model.named_parameters()}
+        shapes = {canonical_name(n): p.shape for n, p in model.named_parameters()}
         unknown = [n for n in self.importance if canonical_name(n) not in shapes]
         wrong = [
-            f"{n}: {tuple(t.shape)} in the file vs {tuple(shapes[canonical_name(n)][1])}"
+            f"{n}: {tuple(t.shape)} in the file vs {tuple(shapes[canonical_name(n)])}"
             for n, t in self.importance.items()
-            if canonical_name(n) in shapes and t.shape != shapes[canonical_name(n)][1]
+            if canonical_name(n) in shapes and t.shape != shapes[canonical_name(n)]
         ]
         if unknown or wrong:
             parts = [f"not in the model: {_some(unknown)}" if unknown else ""]
@@ -193,7 +193,7 @@ class ImportanceFile:
                 "Compute the file for this model (ewc fisher --model <this model's folder>)."
             )
         frozen = [n for n in self.importance if canonical_name(n) not in trainable]
-        used = {trainable[canonical_name(n)]: n for n in self.importance if n not in frozen}
+        used = {trainable[c]: n for n in self.importance if (c := canonical_name(n)) in trainable}
         if not used:
             raise ImportanceFileError(
                 f"none of the importance file's {len(self.importance)} parameters is trainable "
