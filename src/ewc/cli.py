@@ -302,9 +302,9 @@ def _add_fisher_parser(sub: Any) -> None:
         "EWC.from_pretrained and the trainer callbacks' start_from read.",
         epilog="Example: ewc fisher --model models/base --data general.txt --out fisher/base",
     )
-    p.add_argument("--model", type=Path, required=True, help="model folder (save_pretrained)")
-    p.add_argument("--data", type=Path, required=True, help=".txt (a sample a line) or .jsonl")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--model", type=_path, required=True, help="model folder (save_pretrained)")
+    p.add_argument("--data", type=_path, required=True, help=".txt (a sample a line) or .jsonl")
+    p.add_argument("--out", type=_path, required=True, help="output folder")
     p.add_argument(
         "--kind",
         choices=FISHER_KINDS,
