@@ -306,3 +306,17 @@ def test_published_protocol_configs_are_valid(path):
         "permuted-mnist",
         "permuted-mnist-32",
     )
+
+
+def test_a_warning_is_one_line_naming_the_file(tmp_path, capsys):
+    """A damaged checkpoint is ignored with one line on stderr (no Python source line)."""
+    (tmp_path / "r.ckpt.pt").write_bytes(b"garbage")
+    code = main(
+        ["run", "--strategy", "naive", "--tasks", "2", "--max-train-samples", "40"]
+        + ["--epochs", "1", "--out", str(tmp_path / "r.json"), "--no-report", "--quiet"]
+    )
+    assert code == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    warned = [line for line in err if "r.ckpt.pt" in line]
+    assert len(warned) == 1 and warned[0].startswith("ewc: warning: ignoring checkpoint")
+    assert not any("warnings.warn" in line or line.startswith(" ") for line in err)

@@ -648,6 +648,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Print a warning as one line, ``ewc: warning: ...``, without Python's source line."""
+    print(f"ewc: warning: {_one_line(str(message))}", file=sys.stderr if file is None else file)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) is not None:
@@ -656,6 +668,7 @@ def _main(argv: Sequence[str] | None) -> int:
         torch.set_num_threads(args.threads)
     try:
         with warnings.catch_warnings():  # filters set by _require_extras last one command
+            warnings.showwarning = _show_warning
             _check_single_values(args)
             _require_extras(args)
             COMMANDS[args.command](args)
