@@ -311,10 +311,8 @@ def test_published_protocol_configs_are_valid(path):
 def test_a_warning_is_one_line_naming_the_file(tmp_path, capsys):
     """A damaged checkpoint is ignored with one line on stderr (no Python source line)."""
     (tmp_path / "r.ckpt.pt").write_bytes(b"garbage")
-    code = main(
-        ["run", "--strategy", "naive", "--tasks", "2", "--max-train-samples", "40"]
-        + ["--epochs", "1", "--out", str(tmp_path / "r.json"), "--no-report", "--quiet"]
-    )
+    run = ["run", "--strategy", "naive", "--tasks", "2", "--max-train-samples", "40", "--quiet"]
+    code = main([*run, "--epochs", "1", "--out", str(tmp_path / "r.json"), "--no-report"])
     assert code == 0
     err = [line for line in capsys.readouterr().err.splitlines() if line]
     warned = [line for line in err if "r.ckpt.pt" in line]
