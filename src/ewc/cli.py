@@ -95,6 +95,7 @@ _RUN_OPTIONS: dict[str, tuple[str, str]] = {
         "grad (closed-form, fast) | autograd | proximal (stable) (default: proximal with sgd, "
         "else grad)",
     ),
+    "--parallel": ("parallel", "under torchrun: ddp | fsdp (sharded model and regularizer state)"),
 }
 #: The defaults of the fields that have one (``seed``: 0), said in the help of their option.
 _FIELD_DEFAULTS = {

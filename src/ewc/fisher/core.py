@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 
+from ewc import fsdp
+
 from ._util import eval_mode
 from .batching import Forward, batch_size, call_forward, default_forward, take, to_device
 from .errors import FisherError
@@ -143,12 +145,28 @@ def fisher_diagonal(
             f"{type(model).__name__} has no parameters with requires_grad=True, so there is no "
             "Fisher to compute. Unfreeze the parameters to consolidate."
         )
+    if fsdp.check_sharding(params.values(), "fisher_diagonal"):
+        method = _sharded_method(kind, method)
     request = Request(
         inner, params, forward or default_forward, kind, resolved, SeededGenerator(seed)
     )
     mean = sample_mean(request, first_samples(batches, n_samples), method, distributed=distributed)
     prefix = "module." if inner is not model else ""  # the names model.named_parameters() gives
     return {prefix + name: f for name, f in mean.items()}
+
+
+def _sharded_method(kind: str, method: str) -> str:
+    """The method for an FSDP2 model: hooks only (they see each layer while FSDP has it
+    unsharded); ``"batched"``, ``"func"`` and ``"loop"`` differentiate the sharded parameters
+    themselves, which FSDP does not expose to autograd."""
+    if kind == "batched" or method in ("func", "loop"):
+        bad = "kind='batched'" if kind == "batched" else f"method={method!r}"
+        raise FisherError(
+            f"{bad} is not supported on an FSDP (fully_shard) model: the Fisher of a sharded "
+            "model is computed by the hooks. Use method='auto' with kind 'exact', 'sampled', "
+            "'predicted' or 'empirical'."
+        )
+    return "hooks"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -171,7 +189,7 @@ def sample_mean(
     zero. ``what`` names the result in errors."""
     if request.kind != "batched" and method != "loop":
         _check_samples_independent(request.model)
-    sums = {name: torch.zeros_like(p, dtype=sum_dtype(p)) for name, p in request.params.items()}
+    sums = {name: _accumulator(p) for name, p in request.params.items()}
     total = 0
     feed = Feed(batches, next(iter(request.params.values())))
     with eval_mode(request.model):
@@ -181,7 +199,13 @@ def sample_mean(
                 for name, value in part.items():
                     sums[name].add_(value)
                 total += n
-    if distributed:
+    if fsdp.check_sharding(request.params.values(), what):
+        # Each rank summed full-shape squares of its samples: reduce-scatter them to the shards.
+        for name, p in request.params.items():
+            sums[name] = fsdp.shard_of(sums.pop(name), p, reduce=distributed)
+        if distributed:
+            total = all_reduce({}, total)
+    elif distributed:
         total = all_reduce(sums, total)
     if total == 0:
         raise FisherError(
@@ -189,11 +213,13 @@ def sample_mean(
             "(inputs, targets) batches."
         )
     mean = {name: (sums[name] / total).to(p.dtype) for name, p in request.params.items()}
-    for name, m in mean.items():
-        bad = ~torch.isfinite(m)
-        if bool(bad.any()):
+    bad = fsdp.summed(
+        [int((~torch.isfinite(fsdp.local(m))).sum()) for m in mean.values()], mean.values()
+    )
+    for name, count in zip(mean, bad, strict=True):
+        if count:
             raise FisherError(
-                f"the {what} of parameter {name!r} has {int(bad.sum())} NaN/Inf entries: the "
+                f"the {what} of parameter {name!r} has {int(count)} NaN/Inf entries: the "
                 "model's outputs or gradients overflow. Lower the learning rate, check the inputs "
                 "for NaN/Inf, or compute in float64."
             )
@@ -256,6 +282,14 @@ class Feed:
             yield to_device(batch, self.device)
 
 
+def _accumulator(p: Tensor) -> Tensor:
+    """Zeros for the sum over samples: the parameter's shape in :func:`sum_dtype`; full-shape
+    (not sharded) for an FSDP parameter, whose layers the hooks see unsharded."""
+    if fsdp.is_sharded(p):
+        return torch.zeros(p.shape, dtype=sum_dtype(p), device=p.device)
+    return torch.zeros_like(p, dtype=sum_dtype(p))
+
+
 def sum_dtype(p: Tensor) -> torch.dtype:
     """float32 sums for half-precision parameters, the parameter's dtype otherwise."""
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
@@ -268,10 +302,17 @@ def all_reduce(sums: dict[str, Tensor], total: int) -> int:
         return total
     for value in sums.values():
         dist.all_reduce(value)
-    device = next(iter(sums.values())).device
+    device = next(iter(sums.values())).device if sums else _collective_device()
     count = torch.tensor([total], dtype=torch.float64, device=device)
     dist.all_reduce(count)
     return int(count.item())
+
+
+def _collective_device() -> torch.device:
+    """Where the default process group's collectives take tensors (a GPU for nccl)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
+from ewc import fsdp
+
 from ._util import accumulate, byte_groups
 from .batching import batch_size, call_forward
 from .errors import FisherError
@@ -93,6 +95,13 @@ class HookEngine:
                 params[local] = (names[id(p)], p)
             if params:
                 rule = rule_for(module, request.power)
+                if rule is None and any(fsdp.is_sharded(p) for _, p in params.values()):
+                    raise FisherError(
+                        f"module {name!r} ({type(module).__name__}) has no per-layer rule, and "
+                        "on an FSDP (fully_shard) model only layers with a rule are supported "
+                        "(Linear, Conv1d/2d, BatchNorm, LayerNorm, GroupNorm, Embedding). "
+                        "Register one with ewc.fisher.rules.register_rule, or freeze the module."
+                    )
                 self._hooked.append(
                     _Hooked(name, module, rule or generic_rule, rule is not None, params)
                 )

@@ -83,6 +83,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ewc import fsdp
 from ewc.regularizers.checks import (
     check_finite,
     check_lam,
@@ -169,6 +170,10 @@ class QuadraticRegularizer(ABC):
         self.model, named = trainable(model, type(self).__name__)
         self._names = list(named)
         self._params: list[Tensor] = list(named.values())
+        #: FSDP2 shards (DTensor parameters): the state is sharded like them (see ewc.fsdp).
+        self._sharded = fsdp.check_sharding(self._params, type(self).__name__)
+        owners = {id(p): (m, k) for m in self.model.modules() for k, p in m._parameters.items()}
+        self._owners = [owners[id(p)] for p in self._params]
         with torch.no_grad():
             self._omega = [torch.zeros_like(p) for p in self._params]
             self._anchor = [p.detach().clone() for p in self._params]
@@ -214,8 +219,17 @@ class QuadraticRegularizer(ABC):
             p = self._params[0]
             return torch.zeros((), dtype=p.dtype, device=p.device)
         self._follow_model()
-        quadratic = _QuadraticPenalty.apply(self.lam, self._omega, self._anchor, *self._params)
-        return quadratic + 0.5 * self.lam * self._constant
+        if not self._sharded:
+            quadratic = _QuadraticPenalty.apply(self.lam, self._omega, self._anchor, *self._params)
+            return quadratic + 0.5 * self.lam * self._constant
+        # This rank's shards; the value summed over ranks, the gradient of this rank's part
+        # (each shard's gradient is its own: as DDP, where every rank adds the whole penalty).
+        omega, anchor = ([fsdp.local(t) for t in ts] for ts in (self._omega, self._anchor))
+        part = _QuadraticPenalty.apply(
+            self.lam, omega, anchor, *[fsdp.local(p) for p in self._params]
+        )
+        total = fsdp.sum_over_ranks(part.detach().clone(), self._params)
+        return part + (total - part.detach()) + 0.5 * self.lam * self._constant
 
     @torch.no_grad()
     def add_penalty_grad(self) -> None:
@@ -225,14 +239,14 @@ class QuadraticRegularizer(ABC):
         ``loss.backward()`` and before ``optimizer.step()``, *instead of* adding
         :meth:`penalty` to the loss: the same update for any optimizer, without an autograd
         graph. No-op before the first :meth:`consolidate`."""
-        params, omega, diff = self._live_diff()
+        params, _, omega, diff = self._live_diff()
         if not params:
             return
         grads = []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+            grads.append(fsdp.local(p.grad))
         torch._foreach_addcmul_(grads, omega, diff, value=self.lam)
 
     @torch.no_grad()
@@ -251,7 +265,7 @@ class QuadraticRegularizer(ABC):
         Skips parameters that no longer require grad.
         """
         lr = check_positive("lr", lr, "Pass the learning rate of the SGD step just taken.")
-        params, omega, diff = self._live_diff()
+        _, params, omega, diff = self._live_diff()
         if not params:
             return
         # θ ← θ - (θ - θ̄) · c / (1 + c) with c = lr·λ·Ω̄
@@ -261,29 +275,31 @@ class QuadraticRegularizer(ABC):
         torch._foreach_mul_(diff, c)
         torch._foreach_sub_(params, diff)
 
-    def _live_diff(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """``(params, importance, params - anchor)`` for the parameters that still require grad
-        (empty before the first task), the difference formed as :attr:`foreach` says."""
+    def _live_diff(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """``(params, local params, importance, params - anchor)`` for the parameters that
+        still require grad (empty before the first task), the difference formed as
+        :attr:`foreach` says; all but the first on this rank's shards (:func:`ewc.fsdp.local`)."""
         if self.n_tasks == 0:
-            return [], [], []
+            return [], [], [], []
         self._follow_model()
         live = [i for i, p in enumerate(self._params) if p.requires_grad]
         if not live:
-            return [], [], []
+            return [], [], [], []
+        full = [self._params[i] for i in live]
         params, omega, anchor = (
-            [t[i] for i in live] for t in (self._params, self._omega, self._anchor)
+            [fsdp.local(t[i]) for i in live] for t in (self._params, self._omega, self._anchor)
         )
         foreach = self.foreach
         if foreach is None:
             foreach = params[0].device.type != "cpu" or torch.compiler.is_compiling()
         if foreach:  # one launch (and the allocator's cached memory on a GPU)
-            return params, omega, list(torch._foreach_sub(params, anchor))
+            return full, params, omega, list(torch._foreach_sub(params, anchor))
         if self._scratch is None:
-            self._scratch = [torch.empty_like(p) for p in self._params]
+            self._scratch = [torch.empty_like(fsdp.local(p)) for p in self._params]
         diff = [self._scratch[i] for i in live]
         for p, a, d in zip(params, anchor, diff, strict=True):
             torch.sub(p, a, out=d)
-        return params, omega, diff
+        return full, params, omega, diff
 
     def after_step(self) -> None:  # noqa: B027 (a hook: deliberately a no-op by default)
         """Call after every ``optimizer.step()``; a no-op except for :class:`SI`."""
@@ -291,7 +307,10 @@ class QuadraticRegularizer(ABC):
     @torch.no_grad()
     def _follow_model(self) -> None:
         """Move every per-parameter state tensor to its parameter's device and dtype, if the
-        model moved (``model.to(...)``) since the last call; a few attribute reads otherwise."""
+        model moved (``model.to(...)``) since the last call; a few attribute reads otherwise.
+        Raises ``ValueError`` when a parameter is no longer the model's (``fully_shard`` after
+        the regularizer was built)."""
+        self._check_same_parameters()
         if all(
             o.device == p.device and o.dtype == p.dtype
             for o, p in zip(self._omega, self._params, strict=True)
@@ -301,6 +320,22 @@ class QuadraticRegularizer(ABC):
             moved = [t.to(p) for t, p in zip(getattr(self, attr), self._params, strict=True)]
             setattr(self, attr, moved)
         self._scratch = None
+
+    def _check_same_parameters(self) -> None:
+        """Raise ``ValueError`` if the model's parameters were replaced since the regularizer
+        was built (``fully_shard`` replaces every parameter by a DTensor shard; so does assigning
+        a new ``nn.Parameter``). FSDP's own swap to the unsharded parameter during a forward
+        (the root keeps it until backward) is not a replacement."""
+        for (module, key), p, name in zip(self._owners, self._params, self._names, strict=True):
+            now = module._parameters.get(key)
+            if now is not p and not (self._sharded and not fsdp.is_sharded(now)):
+                raise ValueError(
+                    f"parameter {name!r} is no longer the tensor this {type(self).__name__} was "
+                    "built on: the model was sharded (fully_shard) or its parameters replaced "
+                    "after the regularizer was built (or consolidated). Build the regularizer "
+                    "after fully_shard, on the final model (load_state_dict restores a saved "
+                    "state into it)."
+                )
 
     # ------------------------------------------------------------------ end of a task
 
@@ -337,19 +372,25 @@ class QuadraticRegularizer(ABC):
             else self._aligned(anchor, "anchor", partial=False)
         )
         check_finite(dict(zip(self._names, anchor_t, strict=True)), "anchor")
+        omega, anchor = [fsdp.local(t) for t in self._omega], [fsdp.local(t) for t in self._anchor]
+        omega_t, anchor_t = [fsdp.local(t) for t in omega_t], [fsdp.local(t) for t in anchor_t]
         if self.mode == "online":
-            torch._foreach_mul_(self._omega, self.gamma)
-            torch._foreach_add_(self._omega, omega_t)
-            torch._foreach_copy_(self._anchor, anchor_t)
+            torch._foreach_mul_(omega, self.gamma)
+            torch._foreach_add_(omega, omega_t)
+            torch._foreach_copy_(anchor, anchor_t)
         else:
-            negative = [n for n, f in zip(self._names, omega_t, strict=True) if (f < 0).any()]
+            counts = fsdp.summed([int((f < 0).sum()) for f in omega_t], self._params)
+            negative = [n for n, c in zip(self._names, counts, strict=True) if c]
             if negative:
                 raise ValueError(
                     f"mode='separate' needs importance >= 0; negative values in {negative}. "
                     "Use mode='online' (SI's default) or clamp the importance at 0."
                 )
-            for o, a, f, t in zip(self._omega, self._anchor, omega_t, anchor_t, strict=True):
-                self._constant += _merge_into(o, a, f, t)
+            parts = [_merge_into(*ts) for ts in zip(omega, anchor, omega_t, anchor_t, strict=True)]
+            if self._sharded:  # each rank merged its shards: the constant sums over ranks
+                parts = [sum(fsdp.summed(parts, self._params))]
+            for part in parts:
+                self._constant += part
         self.n_tasks += 1
 
     def _aligned(self, tensors: Mapping[str, Tensor], what: str, partial: bool) -> list[Tensor]:
@@ -364,7 +405,7 @@ class QuadraticRegularizer(ABC):
         )
         check_finite(tensors, what)
         return [
-            tensors[n].detach().to(p) if n in tensors else torch.zeros_like(p)
+            fsdp.as_layout(tensors[n], p) if n in tensors else torch.zeros_like(p)
             for n, p in zip(self._names, self._params, strict=True)
         ]
 
@@ -412,8 +453,16 @@ class QuadraticRegularizer(ABC):
                 raise ValueError(f"state dict {key!r} must map parameter names to tensors.")
             check_names_shapes(saved, params, f"state dict {key!r}", partial=False)
             check_finite(saved, f"state dict {key!r}")
+        for saved in tensors.values():  # raises for other world sizes, or sharded for unsharded
+            for n, p in params.items():
+                if fsdp.is_sharded(saved[n]):
+                    fsdp.as_layout(saved[n], p)
         if not self.signed_importance:
-            negative = [n for n, t in tensors["importance"].items() if bool((t < 0).any())]
+            importance = tensors["importance"]
+            counts = fsdp.summed(
+                [int((fsdp.local(importance[n]) < 0).sum()) for n in params], importance.values()
+            )
+            negative = [n for n, c in zip(params, counts, strict=True) if c]
             if negative:
                 raise ValueError(
                     f"state dict 'importance' is negative in {negative}; {type(self).__name__} "
@@ -433,8 +482,10 @@ class QuadraticRegularizer(ABC):
         self.lam, self.mode, self.gamma = lam, mode, gamma
         self.n_tasks, self._constant = n_tasks, float(constant)
         for key, saved in tensors.items():
-            for own_t, n in zip(self._state_tensors(key), self._names, strict=True):
-                own_t.copy_(saved[n])  # copy_ converts device and dtype
+            for own_t, n, p in zip(
+                self._state_tensors(key), self._names, self._params, strict=True
+            ):
+                fsdp.local(own_t).copy_(fsdp.local(fsdp.as_layout(saved[n], p)))
 
     # ------------------------------------------------------------------ importance files
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc import fsdp
 from ewc.config import RANGES
 from ewc.fisher.core import unwrap
 
@@ -149,7 +150,9 @@ def check_names_shapes(
 
 
 def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
-    bad = [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    local = [fsdp.local(t) for t in tensors.values()]
+    counts = fsdp.summed([int((~torch.isfinite(t)).sum()) for t in local], tensors.values())
+    bad = [n for n, c in zip(tensors, counts, strict=True) if c]
     if bad:
         raise ValueError(
             f"{what} has NaN or Inf values in {bad}. Check the model's outputs and the data "

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F
 
+from ewc import fsdp
 from ewc.fisher._util import eval_mode
 from ewc.fisher.batching import Forward, call_forward, default_forward
 from ewc.fisher.core import (
@@ -164,6 +165,13 @@ class KFAC:
         self.distributed = check_flag("distributed", distributed)
         self.model, self._params = trainable(model, "KFAC")
         model = self.model
+        if any(fsdp.is_sharded(p) for p in self._params.values()):
+            raise ValueError(
+                "KFAC does not support FSDP (fully_shard) models: its penalty multiplies each "
+                "layer's whole weight difference by Kronecker factors on both sides, which needs "
+                "the unsharded layer at every step. Use diagonal EWC (ewc.EWC), whose state is "
+                "sharded with the parameters."
+            )
         names = {id(p): n for n, p in self._params.items()}
         self._layers = [
             _Layer(

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc import fsdp
 from ewc.regularizers.base import QuadraticRegularizer
 from ewc.regularizers.checks import check_positive
 from ewc.regularizers.registry import Strategy, register
@@ -72,9 +73,10 @@ class SI(QuadraticRegularizer):
         ]
         if not live:
             return
-        params, path, previous = (list(t) for t in zip(*live, strict=True))
+        params, path, previous = ([fsdp.local(t) for t in ts] for ts in zip(*live, strict=True))
+        grads = [fsdp.local(p.grad) for p, _, _ in live if p.grad is not None]
         torch._foreach_sub_(previous, params)  # previous - p = -Δθ, in place: no allocation
-        torch._foreach_addcmul_(path, [p.grad for p in params], previous)
+        torch._foreach_addcmul_(path, grads, previous)
         torch._foreach_copy_(previous, params)
 
     @torch.no_grad()
@@ -91,17 +93,23 @@ class SI(QuadraticRegularizer):
         ``ValueError`` (and changes nothing) when the parameters moved during the task but
         :meth:`after_step` was never called: the importance would be zero."""
         self._follow_model()
-        moved = any(not torch.equal(p, s) for p, s in zip(self._params, self._start, strict=True))
-        if moved and not any(bool(w.any()) for w in self._path):
+        params, start, path = (
+            [fsdp.local(t) for t in ts] for ts in (self._params, self._start, self._path)
+        )
+        moved_here = sum(not torch.equal(p, s) for p, s in zip(params, start, strict=True))
+        moved, integrated = fsdp.summed(
+            [moved_here, sum(bool(w.any()) for w in path)], self._params
+        )
+        if moved and not integrated:
             raise ValueError(
                 "SI.consolidate(): the parameters moved during this task but after_step() was "
                 "never called, so the path integral is zero and SI would hold nothing. Call "
                 "reg.after_step() after every optimizer.step()."
             )
         super().consolidate(batches)
-        torch._foreach_zero_(self._path)
-        torch._foreach_copy_(self._start, self._params)
-        torch._foreach_copy_(self._previous, self._params)
+        torch._foreach_zero_(path)
+        torch._foreach_copy_(start, params)
+        torch._foreach_copy_([fsdp.local(t) for t in self._previous], params)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -22,6 +22,7 @@ from ewc.runner.protocols import (
     GENERIC_LAM,
     GLOBAL_DEFAULTS,
     OPTIMIZERS,
+    PARALLEL,
     PENALTY_PATHS,
     REGULARIZED,
     STRATEGIES,
@@ -63,6 +64,9 @@ class RunConfig:
             ``"autograd"`` (added to the loss), or ``"proximal"`` (an implicit step after the
             optimizer's, stable for any λ: exact proximal gradient for SGD, a
             decoupled pull towards the anchor for Adam, like AdamW's weight decay).
+        parallel: under ``torchrun``, ``"ddp"`` (every rank holds the whole model) or
+            ``"fsdp"`` (``fully_shard``: each rank holds its shard of the parameters and of the
+            regularizer's state; not with K-FAC); ignored in a single process.
     """
 
     benchmark: str | None = None
@@ -91,6 +95,7 @@ class RunConfig:
     evaluate_on: str = "test"
     max_train_samples: int | None = None
     penalty: str | None = None
+    parallel: str = "ddp"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -181,6 +186,13 @@ def resolve_config(config: RunConfig, own_stream: bool = False) -> RunConfig:
         choice(f"penalty path for {cfg.strategy}", cfg.penalty, paths)
     choice("evaluate_on", cfg.evaluate_on, ("test", "val"))
     check_device(cfg.device)
+    choice("parallel", cfg.parallel, PARALLEL)
+    if cfg.parallel == "fsdp" and cfg.strategy == "kfac":
+        raise ConfigError(
+            "strategy 'kfac' does not support parallel='fsdp': its Kronecker-factored penalty "
+            "needs each layer unsharded at every step. Use strategy 'ewc' (diagonal), whose "
+            "state is sharded with the parameters, or parallel='ddp'."
+        )
     if cfg.evaluate_on == "val" and cfg.val_fraction == 0:
         raise ConfigError("evaluate_on='val' needs a validation split: set val_fraction > 0")
     if cfg.strategy in REGULARIZERS:
@@ -245,6 +257,8 @@ def applicable_settings(
         unused |= {"data_dir", "download"}
     if cfg.val_fraction == 0:
         unused |= {"val_fraction", "evaluate_on"}
+    if cfg.parallel == "ddp":  # the default, and nothing to record outside torchrun
+        unused.add("parallel")
     return {k: v for k, v in settings.items() if k not in unused and v is not None and v != {}}
 
 

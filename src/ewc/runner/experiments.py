@@ -123,9 +123,9 @@ def run_and_save(
 ) -> dict[str, Any]:
     """The results of ``cfg``: read from ``path`` (a results JSON) if they are there with this
     config and ``resume``, else run (logging to ``log_dir``, if given) and saved there. The run
-    saves a checkpoint after each task next to ``path`` (:func:`ewc.checkpoint.checkpoint_path`),
-    resumes from it with ``resume``, and removes it once the results are saved. Reading results
-    and resuming are each said in one line on stderr."""
+    saves a checkpoint after each task next to ``path`` (:func:`ewc.checkpoint.checkpoint_path`;
+    not under FSDP), resumes from it with ``resume``, and removes it once the results are saved.
+    Reading results and resuming are each said in one line on stderr."""
     ckpt = checkpoints.checkpoint_path(path)
     check_paths([path, ckpt], [] if log_dir is None else [log_dir])
     with hold(path):  # one command per results file
@@ -135,7 +135,10 @@ def run_and_save(
         else:
             if not resume:
                 checkpoints.remove_checkpoint(ckpt)
-            result = run(cfg, progress=progress, log_dir=log_dir, checkpoint=ckpt)
+            # No in-run checkpoints under FSDP yet (the states are sharded over the ranks).
+            sharded = cfg.parallel == "fsdp" and distributed.launched()
+            checkpoint = None if sharded else ckpt
+            result = run(cfg, progress=progress, log_dir=log_dir, checkpoint=checkpoint)
             save_results(result, path)
         checkpoints.remove_checkpoint(ckpt)
     return result

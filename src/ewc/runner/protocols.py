@@ -16,6 +16,8 @@ REGULARIZED = tuple(REGULARIZERS)
 STRATEGIES = ("naive", "joint", *REGULARIZED)
 OPTIMIZERS = ("adam", "sgd")
 PENALTY_PATHS = ("grad", "autograd", "proximal")
+#: How ``torchrun`` runs spread the model (``RunConfig.parallel``): replicated, or sharded.
+PARALLEL = ("ddp", "fsdp")
 
 # Hsu et al. 2018, "Re-evaluating continual learning scenarios": MLP 2x400, Adam, 4 epochs.
 _HSU_2018: dict[str, Any] = dict(

@@ -5,7 +5,6 @@ each task trains, consolidates, tests and saves a checkpoint, and returns a resu
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
 import time
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ewc import __version__, distributed
+from ewc import __version__, distributed, fsdp
 from ewc import checkpoint as checkpoints
 from ewc.config import Range
 from ewc.curves import Curves, penalty_value
@@ -101,6 +100,13 @@ def run(
     check_paths([] if checkpoint is None else [checkpoint], [] if log_dir is None else [log_dir])
     cfg = resolve_config(config, own_stream=stream is not None)
     settings = applicable_settings(cfg, own_model=model is not None, own_stream=stream is not None)
+    if checkpoint is not None and cfg.parallel == "fsdp" and distributed.launched():
+        raise ValueError(
+            "checkpoint= (--checkpoint) is not supported with parallel='fsdp' yet: the run's "
+            "checkpoint is one file written by rank 0, and FSDP's model, optimizer and "
+            "regularizer states are sharded over the ranks. Run without a checkpoint, or with "
+            "parallel='ddp'."
+        )
     if stream is not None:
         _say_protocol(config, cfg, stream.name, settings)
     state = _Run(cfg, stream, model, progress, log_dir)
@@ -179,7 +185,9 @@ class _Run:
         model.to(device).train()
         check_tasks(self.tasks, self.eval_sets, cfg.evaluate_on)
         check_model(model, stream, self.train_sets[0].x[:2])
-        trained = distributed.wrap(model)  # DDP under torchrun; evaluation and Fisher use `model`
+        # DDP (or FSDP, sharding `model` in place) under torchrun; evaluation and Fisher use
+        # `model`. The optimizer and the regularizer come after: FSDP replaces the parameters.
+        trained = distributed.wrap(model, cfg.parallel)
         self.divergence = Divergence(model, stream.n_outputs)
         self.optimizer = make_optimizer(cfg.optimizer, cfg.lr, model)
         self.masks = Masks(stream, device)
@@ -336,13 +344,15 @@ class _Run:
         order = torch.randperm(len(train.y), generator=self.generator).to(self.device)
         if cfg.fisher_samples is not None:
             order = order[: cfg.fisher_samples]
-        order = distributed.shard(order)  # each rank its part; the Fisher is all-reduced
-        batches = Batches(train.x, train.y, self.masks.train(t, t), _CONSOLIDATION_BATCH, order)
-        what = f"{self._label(t)} · {_importance_name(cfg)} on {len(order)} samples"
-        n_batches = math.ceil(len(order) / _CONSOLIDATION_BATCH)
-        reg.consolidate(self.bars.iterate(batches, what, n_batches, "batch"))
+        # Each rank its part, in as many batches as the others; the Fisher is summed over ranks.
+        parts = distributed.consolidation_batches(order, _CONSOLIDATION_BATCH)
+        batches = Batches(train.x, train.y, self.masks.train(t, t), parts)
+        what = f"{self._label(t)} · {_importance_name(cfg)} on {sum(map(len, parts))} samples"
+        reg.consolidate(self.bars.iterate(batches, what, len(parts), "batch"))
         self.timings["fisher_s"] += time.perf_counter() - tic
-        summary = importance_summary(reg.importance, self.model, self.stream.input_shape, t)
+        # The report's histograms: under FSDP each layer's importance gathered, one at a time.
+        importance = {n: fsdp.full(v) for n, v in reg.importance.items()}
+        summary = importance_summary(importance, self.model, self.stream.input_shape, t)
         self.importance.append(summary)
 
     def test(self, t: int) -> None:

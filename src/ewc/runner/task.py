@@ -9,14 +9,14 @@ regularizer's closed-form gradient is added to ``.grad`` after ``backward`` (or,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ewc import distributed
+from ewc import distributed, fsdp
 from ewc.data.datasets import to_float
 from ewc.regularizers import QuadraticRegularizer, Regularizer
 from ewc.runner.config import RunConfig
@@ -24,16 +24,17 @@ from ewc.runner.masks import mask_logits
 
 
 class Batches:
-    """Re-iterable ``(x_float, y, active_mask)`` batches over a fixed sample order; the mask is
-    expanded to one row per sample ``[B, n_outputs]``, so that it splits along with the batch."""
+    """Re-iterable ``(x_float, y, active_mask)`` batches, one per tensor of sample indices in
+    ``parts``; the mask is expanded to one row per sample ``[B, n_outputs]``, so that it splits
+    along with the batch."""
 
     def __init__(
-        self, x: Tensor, y: Tensor, active: Tensor | None, batch_size: int, order: Tensor
+        self, x: Tensor, y: Tensor, active: Tensor | None, parts: Sequence[Tensor]
     ) -> None:
-        self.x, self.y, self.active, self.batch_size, self.order = x, y, active, batch_size, order
+        self.x, self.y, self.active, self.parts = x, y, active, parts
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-        for idx in self.order.split(self.batch_size):
+        for idx in self.parts:
             active = None if self.active is None else self.active.expand(len(idx), -1)
             yield to_float(self.x[idx]), self.y[idx], active
 
@@ -85,9 +86,17 @@ class Divergence:
             self.weight_limit = WEIGHT_LIMIT * self._sizes().clamp(min=1.0)
 
     def _sizes(self) -> Tensor:
-        """The largest magnitude in each parameter, one float32 per parameter."""
+        """The largest magnitude in each parameter, one float32 per parameter (of the whole
+        parameter under FSDP: each rank's shard, then the maximum over ranks)."""
         named = dict(self.model.named_parameters())
-        return torch.stack([named[n].detach().abs().amax().float().cpu() for n in self.names])
+        shards = [fsdp.local(named[n]).detach() for n in self.names]
+        sizes = torch.stack(
+            [t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+             for t in shards]
+        )  # fmt: skip
+        if any(fsdp.is_sharded(named[n]) for n in self.names):
+            torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+        return sizes.cpu()
 
     def check_loss(self, loss: float | None, task: str, step: int) -> None:
         """Raise :class:`DivergedError` if ``loss`` (a mean cross-entropy in nats, None if no

@@ -39,7 +39,7 @@ def embedding_rule(
         keep = flat_index != module.padding_idx
     keys = (sample * vocab + flat_index)[keep]
     pairs, segment = torch.unique(keys, return_inverse=True)
-    total = torch.zeros_like(module.weight)
+    total = grad_outputs[0].new_zeros(vocab, dim)  # full-shape, also for an FSDP shard
     for d in grad_outputs:
         rows = d.reshape(n, -1, dim)[keep]
         sums = rows.new_zeros(pairs.shape[0], dim).index_add_(0, segment, rows)

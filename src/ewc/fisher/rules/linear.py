@@ -41,7 +41,7 @@ def linear_rule(
     a3 = a.flatten(1, -2)
     deltas = [d.flatten(1, -2) for d in grad_outputs]
     if want_w:
-        w = torch.zeros_like(module.weight)
+        w = a.new_zeros(module.weight.shape)  # full-shape, also for an FSDP shard
         per_sample = module.weight.numel() * a.element_size()
         for rows in sample_chunks(a3.shape[0], per_sample, chunk_budget(a.device)):
             for d in deltas:
