@@ -74,10 +74,11 @@ def check_sharding(params: Iterable[Tensor], what: str) -> bool:
     return True
 
 
-def shard_of(full: Tensor, like: DTensor, reduce: bool) -> DTensor:
-    """This rank's shard, in the layout of ``like``, of a full-shape tensor that every rank
-    holds: the sum over ranks (``reduce=True``: one reduce-scatter) or this rank's own values
-    (``reduce=False``: a slice, no communication)."""
+def shard_of(full: Tensor, like: Tensor, reduce: bool) -> DTensor:
+    """This rank's shard, in the layout of ``like`` (a ``DTensor``), of a full-shape tensor that
+    every rank holds: the sum over ranks (``reduce=True``: one reduce-scatter) or this rank's
+    own values (``reduce=False``: a slice, no communication)."""
+    assert isinstance(like, DTensor)
     mesh = like.device_mesh
     placement = Partial() if reduce else Replicate()
     spread = DTensor.from_local(full, mesh, [placement] * mesh.ndim, run_check=False)

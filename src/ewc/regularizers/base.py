@@ -215,6 +215,7 @@ class QuadraticRegularizer(ABC):
         0-dim tensor differentiable in the parameters (its backward is the closed form
         :math:`\lambda\bar\Omega(\theta-\bar\theta)`, computed with foreach ops; double
         backward works too). A zero tensor before the first :meth:`consolidate`."""
+        self._check_same_parameters()
         if self.n_tasks == 0:
             p = self._params[0]
             return torch.zeros((), dtype=p.dtype, device=p.device)
@@ -279,6 +280,7 @@ class QuadraticRegularizer(ABC):
         """``(params, local params, importance, params - anchor)`` for the parameters that
         still require grad (empty before the first task), the difference formed as
         :attr:`foreach` says; all but the first on this rank's shards (:func:`ewc.fsdp.local`)."""
+        self._check_same_parameters()
         if self.n_tasks == 0:
             return [], [], [], []
         self._follow_model()
@@ -372,12 +374,13 @@ class QuadraticRegularizer(ABC):
             else self._aligned(anchor, "anchor", partial=False)
         )
         check_finite(dict(zip(self._names, anchor_t, strict=True)), "anchor")
-        omega, anchor = [fsdp.local(t) for t in self._omega], [fsdp.local(t) for t in self._anchor]
+        # This rank's shards (the tensors themselves for an unsharded model).
+        own_omega, own_anchor = ([fsdp.local(t) for t in ts] for ts in (self._omega, self._anchor))
         omega_t, anchor_t = [fsdp.local(t) for t in omega_t], [fsdp.local(t) for t in anchor_t]
         if self.mode == "online":
-            torch._foreach_mul_(omega, self.gamma)
-            torch._foreach_add_(omega, omega_t)
-            torch._foreach_copy_(anchor, anchor_t)
+            torch._foreach_mul_(own_omega, self.gamma)
+            torch._foreach_add_(own_omega, omega_t)
+            torch._foreach_copy_(own_anchor, anchor_t)
         else:
             counts = fsdp.summed([int((f < 0).sum()) for f in omega_t], self._params)
             negative = [n for n, c in zip(self._names, counts, strict=True) if c]
@@ -386,7 +389,8 @@ class QuadraticRegularizer(ABC):
                     f"mode='separate' needs importance >= 0; negative values in {negative}. "
                     "Use mode='online' (SI's default) or clamp the importance at 0."
                 )
-            parts = [_merge_into(*ts) for ts in zip(omega, anchor, omega_t, anchor_t, strict=True)]
+            merged = zip(own_omega, own_anchor, omega_t, anchor_t, strict=True)
+            parts = [_merge_into(*ts) for ts in merged]
             if self._sharded:  # each rank merged its shards: the constant sums over ranks
                 parts = [sum(fsdp.summed(parts, self._params))]
             for part in parts:
