@@ -405,12 +405,27 @@ def test_data_the_callback_cannot_consolidate_from_fails_before_training() -> No
         assert torch.equal(value, before[name])
 
 
-@pytest.mark.parametrize("setting", ["deepspeed", "fsdp"])
-def test_sharded_training_is_refused_when_train_starts(setting: str) -> None:
-    """DeepSpeed and FSDP shard the parameters the penalty needs whole: named, with the fix."""
-    sharded = SimpleNamespace(**{"deepspeed": None, "fsdp": None, setting: "on"})
-    with pytest.raises(ValueError, match=rf"does not support {setting}.*DDP"):
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"deepspeed": "ds.json"}, "DeepSpeed"),
+        ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP1"),
+    ],
+)
+def test_deepspeed_and_fsdp1_are_refused_when_train_starts(setting: dict, words: str) -> None:
+    """Their parameters are flat buffers the regularizer cannot follow: named, with the fix."""
+    sharded = SimpleNamespace(**{"deepspeed": None, "fsdp": None, **setting})
+    with pytest.raises(ValueError, match=rf"does not support {words}.*FSDP2"):
         EWCCallback(lam=LAM).on_train_begin(sharded, None, None, model=build(False))
+
+
+def test_fsdp2_is_accepted_when_train_starts() -> None:
+    """FSDP2 (TrainingArguments' default FSDP version) is not refused: the regularizer follows
+    its DTensor shards (tests/test_fsdp.py)."""
+    fsdp2 = SimpleNamespace(deepspeed=None, fsdp="full_shard", fsdp_config={"version": 2})
+    callback = EWCCallback(lam=LAM)
+    callback.on_train_begin(fsdp2, None, None, model=build(False))
+    assert callback.regularizer is not None
 
 
 @pytest.mark.parametrize("second", [{}, {"bf16": True}], ids=["same", "bf16-after-fp32"])

@@ -30,6 +30,7 @@ __all__ = [
     "check_sharding",
     "full",
     "full_state_dict",
+    "gathered",
     "is_sharded",
     "local",
     "shard_of",
@@ -148,13 +149,15 @@ def full_state_dict(regularizer: Any) -> dict[str, Any]:
     rank 0 with ``torch.save`` for a single-device run: ``load_state_dict`` of an unsharded
     regularizer reads it, and so does a sharded one of any world size (each rank keeps its
     slice)."""
-    state: dict[str, Any] = regularizer.state_dict()
-    return {key: _gathered(value) for key, value in state.items()}
+    state: dict[str, Any] = gathered(regularizer.state_dict())
+    return state
 
 
-def _gathered(value: Any) -> Any:
+def gathered(value: Any) -> Any:
+    """``value`` (a tensor, or dicts of them and other values) with every ``DTensor`` gathered
+    (:func:`full`); every rank must call it when it holds any."""
     if isinstance(value, Tensor):
         return full(value)
     if isinstance(value, Mapping):
-        return {k: _gathered(v) for k, v in value.items()}
+        return {k: gathered(v) for k, v in value.items()}
     return value

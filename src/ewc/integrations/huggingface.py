@@ -27,7 +27,9 @@ model without the autocast that accelerate wraps around its ``forward`` under ``
 
 With a PEFT model, the parameters regularized are those that require grad when the first
 training starts: the adapter (and ``modules_to_save``, e.g. the classification head), not the
-frozen base. DeepSpeed and FSDP, which shard parameters, are not supported.
+frozen base. Under FSDP2 (``fsdp="full_shard"``, accelerate's default FSDP version) the
+regularizer's state is sharded with the parameters (docs/gpu-and-distributed.md); DeepSpeed
+and FSDP1 are refused.
 
 Checkpoints: every checkpoint the Trainer saves (``output_dir/checkpoint-<step>``) also gets
 the regularizer's state, :data:`STATE_FILE`, written by the main process. ``train(
@@ -55,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc import fsdp
 from ewc._optional import require
 from ewc.fisher.batching import Forward
 from ewc.fisher.errors import FisherError
@@ -169,13 +172,7 @@ class EWCCallback(TrainerCallback):
         self._pending, self._source = pending(state_dict), _GIVEN
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        sharded = [name for name in ("deepspeed", "fsdp") if getattr(args, name, None)]
-        if sharded:
-            raise ValueError(
-                f"EWCCallback does not support {sharded[0]}: it shards the parameters, and the "
-                "penalty needs every parameter whole on each process. Train with DDP "
-                f"(torchrun, no {sharded[0]} in TrainingArguments) or on one device."
-            )
+        _check_sharding(args)
         self._check_precision(kwargs["model"], args)
         regularizer = self._continual.bind(kwargs["model"])
         if state is not None and state.global_step > 0:  # resumed from a checkpoint
@@ -224,9 +221,10 @@ class EWCCallback(TrainerCallback):
             )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        saved = fsdp.gathered(self.state_dict())  # FSDP: on every rank (an all-gather)
         if state.is_world_process_zero:
             buffer = io.BytesIO()
-            torch.save(self.state_dict(), buffer)
+            torch.save(saved, buffer)
             atomic_write_bytes(_checkpoint_folder(args, state) / STATE_FILE, buffer.getvalue())
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -327,6 +325,24 @@ def _calling_trainer() -> Any:
         "ForgettingMeterCallback logs through its Trainer, but no transformers.Trainer is "
         "calling it; pass it in Trainer(callbacks=[...]) or trainer.add_callback(...)."
     )
+
+
+def _check_sharding(args: Any) -> None:
+    """Refuse DeepSpeed and FSDP1 (by ``TrainingArguments``); FSDP2, whose parameters are
+    ``DTensor`` shards, is supported (docs/gpu-and-distributed.md)."""
+    if getattr(args, "deepspeed", None):
+        raise ValueError(
+            "EWCCallback does not support DeepSpeed: ZeRO keeps the parameters in its own "
+            "flattened partitions, outside the module, where the regularizer cannot hold its "
+            "state shard by shard. Use FSDP2 (fsdp='full_shard' in TrainingArguments) or DDP."
+        )
+    config = getattr(args, "fsdp_config", None) or {}
+    if getattr(args, "fsdp", None) and int(config.get("version", 2)) != 2:
+        raise ValueError(
+            "EWCCallback does not support FSDP1 (fsdp_config version 1): it flattens the "
+            "parameters into one buffer per unit. Use FSDP2 (fsdp_config={'version': 2}, the "
+            "default), whose parameters are DTensor shards the regularizer follows."
+        )
 
 
 def _checkpoint_folder(args: Any, state: Any) -> Path:

@@ -97,14 +97,7 @@ class EWCCallback(Callback):
         return self.continual.regularizer
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        kinds = {c.__name__ for c in type(getattr(trainer, "strategy", None)).__mro__}
-        sharded = kinds & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
-        if sharded:
-            raise ValueError(
-                f"EWCCallback does not support {sharded.pop()}: it shards the parameters, and "
-                "the penalty needs every parameter whole on each process. Use "
-                'strategy="ddp" or a single device.'
-            )
+        _check_strategy(trainer)
         if self._pending is not None:
             source = "the checkpoint's EWCCallback state (or the one given to load_state_dict())"
             self.continual.restore(pl_module, self._pending, source)
@@ -201,6 +194,27 @@ class ForgettingMeter(Callback):
         metrics = self.meter.measure(pl_module, trainer.global_step, penalty_of(trainer.callbacks))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _check_strategy(trainer: Any) -> None:
+    """Refuse the strategies whose parameters the regularizer cannot follow: DeepSpeed (ZeRO's
+    own flat partitions) and ``FSDPStrategy`` (FSDP1's flat parameters). ``ModelParallelStrategy``
+    (FSDP2's ``fully_shard`` in ``configure_model``: DTensor shards) is supported."""
+    kinds = {c.__name__ for c in type(getattr(trainer, "strategy", None)).__mro__}
+    if "DeepSpeedStrategy" in kinds:
+        raise ValueError(
+            "EWCCallback does not support DeepSpeedStrategy: ZeRO keeps the parameters in its "
+            "own flattened partitions, outside the module, where the regularizer cannot hold its "
+            'state shard by shard. Use ModelParallelStrategy (FSDP2), strategy="ddp" or one '
+            "device."
+        )
+    if "FSDPStrategy" in kinds:
+        raise ValueError(
+            "EWCCallback does not support FSDPStrategy: it is FSDP1, which flattens the "
+            "parameters into one buffer per unit. Use ModelParallelStrategy with fully_shard in "
+            'configure_model (FSDP2: DTensor shards the regularizer follows), strategy="ddp" or '
+            "one device."
+        )
 
 
 def _enabled_scaler(trainer: Any) -> GradScaler | None:

@@ -602,9 +602,24 @@ class _QuadraticPenalty(torch.autograd.Function):
         return (None, None, None, *torch._foreach_mul(list(weighted), grad_output * ctx.lam))
 
 
+#: Elements merged at a time by :func:`_merge_into`: its float64 temporaries stay a few MB
+#: whatever the parameter's size (a 4096×4096 layer whole would take about 1 GB of them).
+_MERGE_CHUNK = 1 << 20
+
+
 def _merge_into(omega: Tensor, anchor: Tensor, f: Tensor, theta: Tensor) -> float:
-    """Merge ``f·(θ - theta)²`` into ``omega·(θ - anchor)²`` in place (float64 arithmetic);
-    return the constant it adds: Σ omega·f/(omega+f)·(anchor - theta)²."""
+    """Merge ``f·(θ - theta)²`` into ``omega·(θ - anchor)²`` in place (float64 arithmetic, in
+    chunks of :data:`_MERGE_CHUNK` elements); return the constant it adds:
+    Σ omega·f/(omega+f)·(anchor - theta)²."""
+    if not (omega.is_contiguous() and anchor.is_contiguous()):  # no flat view to write through
+        return _merge_chunk(omega, anchor, f, theta)
+    flat = [omega.view(-1), anchor.view(-1), f.reshape(-1), theta.reshape(-1)]
+    return sum(
+        _merge_chunk(*chunk) for chunk in zip(*(t.split(_MERGE_CHUNK) for t in flat), strict=True)
+    )
+
+
+def _merge_chunk(omega: Tensor, anchor: Tensor, f: Tensor, theta: Tensor) -> float:
     a, x, b, y = (t.double() for t in (omega, anchor, f, theta))
     total = a + b
     nonzero = total != 0
