@@ -150,3 +150,21 @@ def test_the_runner_trains_with_fsdp_like_one_process(tmp_path: Path) -> None:
     for row, expected in zip(result["accuracy_matrix"], single["accuracy_matrix"], strict=True):
         assert row == pytest.approx(expected, abs=0.01)  # float sums in another order
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp.json"]
+
+
+def test_the_lightning_callback_under_fsdp2_equals_ddp(tmp_path: Path) -> None:
+    """Two tasks under ``ModelParallelStrategy`` (``fully_shard`` in ``configure_model``) and
+    under DDP, on the CPU: the regularizer holds each rank's rows only, and the weights and the
+    penalty equal DDP's."""
+    pytest.importorskip("lightning")
+    torchrun(str(HERE / "distributed" / "lightning_fsdp_worker.py"), str(tmp_path), cwd=tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["fsdp"]["importance_rows"]["net.0.weight"] == 3
+    assert ranks[1]["fsdp"]["importance_rows"]["net.0.weight"] == 2
+    assert ranks[0]["ddp"]["importance_rows"]["net.0.weight"] == 5
+    for r in ranks:
+        fsdp, ddp = r["fsdp"], r["ddp"]
+        assert fsdp["penalty"] > 0
+        assert fsdp["penalty"] == pytest.approx(ddp["penalty"], rel=1e-5)
+        assert_same(fsdp["weights"], ddp["weights"])
+        assert_same(fsdp["importance"], ddp["importance"])

@@ -90,6 +90,7 @@ from ewc.regularizers.checks import (
     check_mode_gamma,
     check_names_shapes,
     check_positive,
+    check_state_dtype,
     trainable,
     warn_at_consolidate,
 )
@@ -146,6 +147,11 @@ class QuadraticRegularizer(ABC):
         mode: ``"separate"`` (exact sum of per-task penalties) or ``"online"``
             (:math:`\bar\Omega \leftarrow \gamma\bar\Omega + \Omega_t`, anchor = latest).
         gamma: online decay γ in (0, 1]; only with ``mode="online"``.
+        state_dtype: store the importance and anchor in this floating dtype (e.g.
+            ``torch.bfloat16``: half the memory of float32 state) instead of each parameter's;
+            the arithmetic stays in the parameters' dtype (float32 for float32 parameters).
+            ``None`` (default): the parameters' dtype. The penalty then sees the anchor rounded
+            to that dtype (docs/gpu-and-distributed.md measures the effect).
     """
 
     default_mode = "separate"
@@ -163,8 +169,15 @@ class QuadraticRegularizer(ABC):
     foreach: bool | None = None
 
     def __init__(
-        self, model: nn.Module, lam: float, *, mode: str | None = None, gamma: float = 1.0
+        self,
+        model: nn.Module,
+        lam: float,
+        *,
+        mode: str | None = None,
+        gamma: float = 1.0,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
+        self.state_dtype = check_state_dtype(state_dtype)
         self.lam = lam
         self.mode, self.gamma = check_mode_gamma(self.default_mode if mode is None else mode, gamma)
         self.model, named = trainable(model, type(self).__name__)
@@ -175,8 +188,8 @@ class QuadraticRegularizer(ABC):
         owners = {id(p): (m, k) for m in self.model.modules() for k, p in m._parameters.items()}
         self._owners = [owners[id(p)] for p in self._params]
         with torch.no_grad():
-            self._omega = [torch.zeros_like(p) for p in self._params]
-            self._anchor = [p.detach().clone() for p in self._params]
+            self._omega = [torch.zeros_like(p, dtype=self._dtype(p)) for p in self._params]
+            self._anchor = [p.detach().to(self._dtype(p), copy=True) for p in self._params]
         self._constant = 0.0
         self._scratch: list[Tensor] | None = None  # see _live_diff
         self.n_tasks = 0
@@ -269,8 +282,10 @@ class QuadraticRegularizer(ABC):
         _, params, omega, diff = self._live_diff()
         if not params:
             return
-        # θ ← θ - (θ - θ̄) · c / (1 + c) with c = lr·λ·Ω̄
-        c = torch._foreach_mul(omega, lr * self.lam)
+        # θ ← θ - (θ - θ̄) · c / (1 + c) with c = lr·λ·Ω̄, in the parameters' dtype
+        c = torch._foreach_mul(
+            [o.to(d.dtype) for o, d in zip(omega, diff, strict=True)], lr * self.lam
+        )
         shrink = torch._foreach_add(c, 1.0)
         torch._foreach_div_(c, shrink)
         torch._foreach_mul_(diff, c)
@@ -314,14 +329,22 @@ class QuadraticRegularizer(ABC):
         the regularizer was built)."""
         self._check_same_parameters()
         if all(
-            o.device == p.device and o.dtype == p.dtype
+            o.device == p.device and o.dtype == self._dtype(p)
             for o, p in zip(self._omega, self._params, strict=True)
         ):
             return
         for attr in self._per_parameter:
-            moved = [t.to(p) for t, p in zip(getattr(self, attr), self._params, strict=True)]
+            stored = attr in ("_omega", "_anchor")  # in state_dtype; the others as the parameter
+            moved = [
+                t.to(device=p.device, dtype=self._dtype(p) if stored else p.dtype)
+                for t, p in zip(getattr(self, attr), self._params, strict=True)
+            ]
             setattr(self, attr, moved)
         self._scratch = None
+
+    def _dtype(self, p: Tensor) -> torch.dtype:
+        """The dtype the importance and anchor of parameter ``p`` are stored in."""
+        return self.state_dtype or p.dtype
 
     def _check_same_parameters(self) -> None:
         """Raise ``ValueError`` if the model's parameters were replaced since the regularizer

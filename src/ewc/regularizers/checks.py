@@ -100,6 +100,15 @@ def check_fisher_samples(value: Any) -> int | None:
     return value
 
 
+def check_state_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"state_dtype must be a floating torch.dtype or None; got state_dtype={dtype!r}. "
+            "Pass e.g. torch.bfloat16, or None to store the state in the parameters' dtype."
+        )
+    return dtype
+
+
 def check_mode_gamma(mode: str, gamma: float) -> tuple[str, float]:
     if mode not in MODES:
         raise ValueError(f"unknown mode={mode!r}; choose one of {', '.join(MODES)}.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ewc.fisher import KINDS as FISHER_KINDS
@@ -27,7 +28,7 @@ class EWC(QuadraticRegularizer):
     quadratic (module docstring).
 
     Args:
-        model, lam, mode, gamma: see :class:`QuadraticRegularizer`.
+        model, lam, mode, gamma, state_dtype: see :class:`QuadraticRegularizer`.
         fisher: the Fisher kind, one of ``"exact"`` (expectation over the model's predictive
             distribution), ``"sampled"`` (one label drawn per sample, the paper's),
             ``"predicted"`` (the model's argmax label, van de Ven & Tolias 2019's code),
@@ -48,6 +49,7 @@ class EWC(QuadraticRegularizer):
         fisher: str = "exact",
         mode: str | None = None,
         gamma: float = 1.0,
+        state_dtype: torch.dtype | None = None,
         fisher_samples: int | None = None,
         likelihood: Any = "categorical",
         forward: Forward | None = None,
@@ -57,7 +59,7 @@ class EWC(QuadraticRegularizer):
             raise ValueError(f"unknown fisher={fisher!r}; choose one of {', '.join(FISHER_KINDS)}.")
         check_fisher_samples(fisher_samples)
         resolve_likelihood(likelihood, fisher)  # an unknown likelihood fails here, not at the end
-        super().__init__(model, lam, mode=mode, gamma=gamma)
+        super().__init__(model, lam, mode=mode, gamma=gamma, state_dtype=state_dtype)
         self.fisher = fisher
         self.fisher_samples = fisher_samples
         self.likelihood = likelihood

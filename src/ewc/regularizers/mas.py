@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ewc.fisher.batching import Forward, default_forward
@@ -41,7 +42,7 @@ class MAS(QuadraticRegularizer):
     other leaves are shared by all samples (see :mod:`ewc.fisher.batching`).
 
     Args:
-        model, lam, mode, gamma: see :class:`QuadraticRegularizer`.
+        model, lam, mode, gamma, state_dtype: see :class:`QuadraticRegularizer`.
         forward: ``forward(model, batch) -> (output, target)``; default ``model(x), y``.
         method: ``"auto"`` (hooks, switching to ``"func"`` where they cannot split the model),
             ``"hooks"`` or ``"func"``, as in :func:`ewc.fisher_diagonal`.
@@ -58,10 +59,11 @@ class MAS(QuadraticRegularizer):
         forward: Forward | None = None,
         mode: str | None = None,
         gamma: float = 1.0,
+        state_dtype: torch.dtype | None = None,
         method: str = "auto",
         distributed: bool = True,
     ) -> None:
-        super().__init__(model, lam, mode=mode, gamma=gamma)
+        super().__init__(model, lam, mode=mode, gamma=gamma, state_dtype=state_dtype)
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {list(METHODS)}; pass one.")
         self.forward = forward

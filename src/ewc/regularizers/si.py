@@ -37,7 +37,7 @@ class SI(QuadraticRegularizer):
     with :math:`c = \lambda/2`.
 
     Args:
-        model, lam, mode, gamma: see :class:`QuadraticRegularizer`.
+        model, lam, mode, gamma, state_dtype: see :class:`QuadraticRegularizer`.
         xi: damping ξ > 0, in units of parameter²: bounds :math:`\Omega_t` where a parameter
             barely moved over the task.
     """
@@ -54,9 +54,10 @@ class SI(QuadraticRegularizer):
         xi: float = 0.1,
         mode: str | None = None,
         gamma: float = 1.0,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         self.xi = check_positive("xi", xi, "SI divides by Δ² + xi; try xi=0.1.")
-        super().__init__(model, lam, mode=mode, gamma=gamma)
+        super().__init__(model, lam, mode=mode, gamma=gamma, state_dtype=state_dtype)
         with torch.no_grad():
             self._path = [torch.zeros_like(p) for p in self._params]
             self._start = [p.detach().clone() for p in self._params]
