@@ -176,3 +176,12 @@ def test_any_config_file_is_accepted_or_refused_with_config_error(tmp_path_facto
     path.write_text(text, encoding="utf-8")
     with contextlib.suppress(ConfigError):
         resolve_config(RunConfig.from_dict(read_config_file(path)))
+
+
+def test_parallel_is_checked_up_front() -> None:
+    """``parallel``: ddp or fsdp; K-FAC cannot shard, and says which strategy can."""
+    with pytest.raises(ConfigError, match="unknown parallel 'zero'"):
+        resolve_config(RunConfig(parallel="zero"))
+    with pytest.raises(ConfigError, match=r"kfac.*parallel='fsdp'.*strategy 'ewc'"):
+        resolve_config(RunConfig(strategy="kfac", parallel="fsdp"))
+    assert resolve_config(RunConfig(parallel="fsdp")).parallel == "fsdp"

@@ -203,8 +203,8 @@ def sample_mean(
         # Each rank summed full-shape squares of its samples: reduce-scatter them to the shards.
         for name, p in request.params.items():
             sums[name] = fsdp.shard_of(sums.pop(name), p, reduce=distributed)
-        if distributed:
-            total = all_reduce({}, total)
+        if distributed:  # over the ranks of the parameters' mesh
+            total = int(fsdp.summed([total], request.params.values())[0])
     elif distributed:
         total = all_reduce(sums, total)
     if total == 0:
@@ -302,17 +302,10 @@ def all_reduce(sums: dict[str, Tensor], total: int) -> int:
         return total
     for value in sums.values():
         dist.all_reduce(value)
-    device = next(iter(sums.values())).device if sums else _collective_device()
+    device = next(iter(sums.values())).device
     count = torch.tensor([total], dtype=torch.float64, device=device)
     dist.all_reduce(count)
     return int(count.item())
-
-
-def _collective_device() -> torch.device:
-    """Where the default process group's collectives take tensors (a GPU for nccl)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:

@@ -228,11 +228,10 @@ class QuadraticRegularizer(ABC):
         0-dim tensor differentiable in the parameters (its backward is the closed form
         :math:`\lambda\bar\Omega(\theta-\bar\theta)`, computed with foreach ops; double
         backward works too). A zero tensor before the first :meth:`consolidate`."""
-        self._check_same_parameters()
+        self._follow_model()
         if self.n_tasks == 0:
             p = self._params[0]
             return torch.zeros((), dtype=p.dtype, device=p.device)
-        self._follow_model()
         if not self._sharded:
             quadratic = _QuadraticPenalty.apply(self.lam, self._omega, self._anchor, *self._params)
             return quadratic + 0.5 * self.lam * self._constant
@@ -295,10 +294,9 @@ class QuadraticRegularizer(ABC):
         """``(params, local params, importance, params - anchor)`` for the parameters that
         still require grad (empty before the first task), the difference formed as
         :attr:`foreach` says; all but the first on this rank's shards (:func:`ewc.fsdp.local`)."""
-        self._check_same_parameters()
+        self._follow_model()
         if self.n_tasks == 0:
             return [], [], [], []
-        self._follow_model()
         live = [i for i, p in enumerate(self._params) if p.requires_grad]
         if not live:
             return [], [], [], []

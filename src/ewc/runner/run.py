@@ -102,7 +102,7 @@ def run(
     settings = applicable_settings(cfg, own_model=model is not None, own_stream=stream is not None)
     if checkpoint is not None and cfg.parallel == "fsdp" and distributed.launched():
         raise ValueError(
-            "checkpoint= (--checkpoint) is not supported with parallel='fsdp' yet: the run's "
+            "checkpoint= is not supported with parallel='fsdp' yet: the run's "
             "checkpoint is one file written by rank 0, and FSDP's model, optimizer and "
             "regularizer states are sharded over the ranks. Run without a checkpoint, or with "
             "parallel='ddp'."
