@@ -145,8 +145,6 @@ def fisher_diagonal(
             f"{type(model).__name__} has no parameters with requires_grad=True, so there is no "
             "Fisher to compute. Unfreeze the parameters to consolidate."
         )
-    if fsdp.check_sharding(params.values(), "fisher_diagonal"):
-        method = _sharded_method(kind, method)
     request = Request(
         inner, params, forward or default_forward, kind, resolved, SeededGenerator(seed)
     )
@@ -157,8 +155,8 @@ def fisher_diagonal(
 
 def _sharded_method(kind: str, method: str) -> str:
     """The method for an FSDP2 model: hooks only (they see each layer while FSDP has it
-    unsharded); ``"batched"``, ``"func"`` and ``"loop"`` differentiate the sharded parameters
-    themselves, which FSDP does not expose to autograd."""
+    unsharded), without the switch to ``"func"``; ``"batched"``, ``"func"`` and ``"loop"``
+    differentiate the sharded parameters themselves, which FSDP does not expose to autograd."""
     if kind == "batched" or method in ("func", "loop"):
         bad = "kind='batched'" if kind == "batched" else f"method={method!r}"
         raise FisherError(
@@ -187,6 +185,9 @@ def sample_mean(
     ``request.params``, computed in eval mode by ``method`` (see :func:`fisher_diagonal`, also
     for batch placement, float32 sums and ``distributed``); parameters that got no gradient are
     zero. ``what`` names the result in errors."""
+    sharded = fsdp.check_sharding(request.params.values(), what)
+    if sharded:
+        method = _sharded_method(request.kind, method)
     if request.kind != "batched" and method != "loop":
         _check_samples_independent(request.model)
     sums = {name: _accumulator(p) for name, p in request.params.items()}
@@ -199,7 +200,7 @@ def sample_mean(
                 for name, value in part.items():
                     sums[name].add_(value)
                 total += n
-    if fsdp.check_sharding(request.params.values(), what):
+    if sharded:
         # Each rank summed full-shape squares of its samples: reduce-scatter them to the shards.
         for name, p in request.params.items():
             sums[name] = fsdp.shard_of(sums.pop(name), p, reduce=distributed)

@@ -75,7 +75,8 @@ class SI(QuadraticRegularizer):
         if not live:
             return
         params, path, previous = ([fsdp.local(t) for t in ts] for ts in zip(*live, strict=True))
-        grads = [fsdp.local(p.grad) for p, _, _ in live]
+        # Every one in live has a grad; the condition narrows the type.
+        grads = [fsdp.local(p.grad) for p, _, _ in live if p.grad is not None]
         torch._foreach_sub_(previous, params)  # previous - p = -Δθ, in place: no allocation
         torch._foreach_addcmul_(path, grads, previous)
         torch._foreach_copy_(previous, params)
