@@ -24,7 +24,7 @@ from ewc.fisher import (
     fisher_diagonal,
     register_rule,
 )
-from ewc.fisher.batching import batch_size, take
+from ewc.fisher.batching import batch_size, default_forward, take
 
 PER_SAMPLE_KINDS = ["exact", "sampled", "empirical"]
 
@@ -288,22 +288,23 @@ def test_predicted_kind_needs_a_likelihood_with_predict() -> None:
         fisher_diagonal(_mlp(), _vectors(), "predicted", likelihood="gaussian")
 
 
-def test_exact_categorical_is_the_expectation_over_classes() -> None:
-    """Independent of exact_output_grads: sum_c p_c (d log p_c / d theta)^2, sample by sample."""
-    model, batches = _setup(CASES["masked-logits"])
+@pytest.mark.parametrize("name", ["masked-logits", "mlp", "cnn"])
+def test_exact_categorical_is_the_expectation_over_classes(name: str) -> None:
+    """Independent of exact_output_grads: sum_c p_c (d log p_c / d theta)^2, sample by sample
+    and class by class (masked classes have p_c = 0), in float64."""
+    case = CASES[name]
+    model, batches = _setup(case)
+    forward = case.forward or default_forward
     expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for x, _ in batches:
+    for x, y in batches:
         for i in range(len(x)):
-            log_p = torch.log_softmax(_masked(model, (x[i : i + 1], None))[0], 1)[0]
-            for c in range(5):
-                if ACTIVE[c]:
-                    grads = torch.autograd.grad(
-                        log_p[c], list(model.parameters()), retain_graph=True
-                    )
-                    for (n, _), g in zip(model.named_parameters(), grads, strict=True):
-                        expected[n] += log_p[c].exp().detach() * g.square()
+            log_p = torch.log_softmax(forward(model, (x[i : i + 1], y[i : i + 1]))[0], 1)[0]
+            for c in torch.nonzero(torch.isfinite(log_p)).flatten().tolist():
+                grads = torch.autograd.grad(log_p[c], list(model.parameters()), retain_graph=True)
+                for (n, _), g in zip(model.named_parameters(), grads, strict=True):
+                    expected[n] += log_p[c].exp().detach() * g.square()
     expected = {n: f / 9 for n, f in expected.items()}
-    assert_fisher_close(fisher_diagonal(model, batches, forward=_masked), expected)
+    assert_fisher_close(fisher_diagonal(model, batches, forward=case.forward), expected)
 
 
 def test_exact_gaussian_is_closed_form_for_a_linear_model() -> None:
@@ -387,8 +388,26 @@ def test_one_output_per_sample_may_be_squeezed(likelihood: str) -> None:
 
 
 def test_masked_classes_cost_no_backward_pass() -> None:
+    """Two classes with nonzero probability: rank 1, one backward pass."""
     probs = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.2, 0.8]])
-    assert len(list(CategoricalLikelihood().exact_output_grads(probs.log()))) == 2
+    assert len(list(CategoricalLikelihood().exact_output_grads(probs.log()))) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_output_grads_are_a_rank_c_minus_1_square_root(dtype: torch.dtype) -> None:
+    """sum_j v_j v_j^T = diag(p) - pp^T per sample with C - 1 vectors, also for confident
+    samples, a class masked everywhere and one masked in some samples only."""
+    logits = torch.randn(6, 5, dtype=dtype) * 4
+    logits[0] = torch.tensor([30.0, 0.0, -30.0, 0.0, 0.0])  # p ~ e_0 in float32
+    logits[:, 3] = -torch.inf  # masked everywhere
+    logits[1:3, 0] = -torch.inf  # masked in two samples
+    vs = list(CategoricalLikelihood().exact_output_grads(logits))
+    assert len(vs) == 3  # 4 classes with probability, rank 3
+    p = logits.softmax(1)
+    got = sum(v[:, :, None] * v[:, None, :] for v in vs)
+    expected = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    tol = 1e-6 if dtype == torch.float32 else 1e-15
+    torch.testing.assert_close(got, expected, atol=tol, rtol=0)
 
 
 class Bernoulli:

@@ -65,11 +65,11 @@ class CategoricalLikelihood:
     the input, as in a token classifier or a teacher-forced language model. Targets equal to
     ``ignore_index`` (``-100``, as in ``F.cross_entropy`` and Hugging Face labels) add
     nothing. Logits of ``-inf`` (masked classes) have probability 0: they are never sampled and
-    add nothing to the exact Fisher. The output-space Fisher of a position is
-    :math:`\operatorname{diag}(p) - pp^\top = \sum_c v_c v_c^\top` with
-    :math:`v_c = \sqrt{p_c}\,(e_c - p)`; one :math:`v_c` is yielded per position and class
-    that has nonzero probability for some sample in the batch, so ``"exact"`` costs
-    positions × classes backward passes (refused above :data:`MAX_EXACT_PASSES` with extra
+    add nothing to the exact Fisher. The output-space Fisher of a position,
+    :math:`\operatorname{diag}(p) - pp^\top`, has rank :math:`C - 1` (the rows sum to 0), and
+    :meth:`exact_output_grads` yields a square root with one vector per class but one that has
+    nonzero probability for some sample in the batch, so ``"exact"`` costs positions ×
+    (classes − 1) backward passes (refused above :data:`MAX_EXACT_PASSES` with extra
     positions: use ``"sampled"``, one pass, unbiased).
 
     Args:
@@ -132,26 +132,45 @@ class CategoricalLikelihood:
         return target == self.ignore_index
 
     def exact_output_grads(self, output: Tensor) -> Iterator[Tensor]:
-        r"""Yield :math:`\sqrt{p_c}(e_c - p)` at one position at a time, for every position and
-        every class with some nonzero probability there."""
+        r"""Yield, at one position at a time, the columns :math:`v_j` of a rank-:math:`(C-1)`
+        square root of :math:`\operatorname{diag}(p) - pp^\top`, one per class :math:`j \ne k`
+        with some nonzero probability there (:math:`k`: the class most probable for some
+        sample).
+
+        With :math:`q = \sqrt{p}`, :math:`\operatorname{diag}(p) - pp^\top = D P D` for
+        :math:`D = \operatorname{diag}(q)` and the projection :math:`P = I - qq^\top`. The
+        Householder reflection that maps :math:`q` to :math:`-e_k` has its other columns
+        :math:`u_j = e_j - w\,q_j / (1 + q_k)`, :math:`w = q + e_k`, an orthonormal basis of
+        :math:`q^\perp`, so :math:`P = \sum_{j \ne k} u_j u_j^\top` and
+        :math:`v_j = D u_j = q_j \left(e_j - \frac{p + q_k e_k}{1 + q_k}\right)`. The
+        denominator is at least 1: stable in float32 for any :math:`p`. One backward pass
+        fewer than the :math:`C` vectors :math:`q_c(e_c - p)`, which span the same space."""
         _check_logits(output)
         probs = torch.softmax(output.detach(), dim=-1)
         flat = probs.reshape(len(output), -1, output.shape[-1])  # [N, positions, C]
-        passes = flat.shape[1] * flat.shape[2]
+        passes = flat.shape[1] * (flat.shape[2] - 1)
         if flat.shape[1] > 1 and passes > MAX_EXACT_PASSES:
             raise FisherError(
                 f"kind='exact' on logits of shape {list(output.shape)} costs one backward pass "
-                f"per position and class, {passes} a batch (more than {MAX_EXACT_PASSES}); use "
-                "kind='sampled' (one pass a batch, an unbiased estimate of the same Fisher) or "
-                "'empirical'."
+                f"per position and class but one, {passes} a batch (more than "
+                f"{MAX_EXACT_PASSES}); use kind='sampled' (one pass a batch, an unbiased "
+                "estimate of the same Fisher) or 'empirical'."
             )
         for t in range(flat.shape[1]):
-            at = flat[:, t]
-            for c in torch.nonzero(at.amax(dim=0) > 0).flatten().tolist():
+            p = flat[:, t]  # [N, C]
+            most = p.amax(dim=0)
+            k = int(most.argmax())
+            q = p.sqrt()
+            shift = p.clone()
+            shift[:, k] += q[:, k]
+            shift /= 1 + q[:, k : k + 1]  # (p + q_k e_k) / (1 + q_k), [N, C]
+            for j in torch.nonzero(most > 0).flatten().tolist():
+                if j == k:
+                    continue
                 v = torch.zeros_like(flat)
-                v[:, t] = -at
-                v[:, t, c] += 1.0
-                v[:, t] *= at[:, c : c + 1].sqrt()
+                v[:, t] = -shift
+                v[:, t, j] += 1.0
+                v[:, t] *= q[:, j : j + 1]
                 yield v.view_as(output)
 
 
