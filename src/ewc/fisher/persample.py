@@ -30,6 +30,11 @@ def power_of(t: Tensor, power: int) -> Tensor:
     return t.square() if power == 2 else t.abs()
 
 
+def power_of_(t: Tensor, power: int) -> Tensor:
+    """:func:`power_of` in place (for a temporary that is read once)."""
+    return t.square_() if power == 2 else t.abs_()
+
+
 def per_sample_grad_powers(
     module: nn.Module,
     params: dict[str, Tensor],

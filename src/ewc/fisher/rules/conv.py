@@ -1,11 +1,13 @@
 r"""``nn.Conv1d`` / ``nn.Conv2d`` (any padding mode, stride, dilation, groups).
 
 With the padded input :math:`x_i` and the output-gradient :math:`\delta_i` (``[C_out, L]``, ``L``
-output positions), the per-sample weight gradient at kernel offset :math:`(u, v)` is
-:math:`\delta_i X_{i,uv}^\top`, where :math:`X_{i,uv}` (``[C_in, L]``) is the input seen through
-that offset (a strided slice; no ``unfold``, which is slow on CPU). One batched matmul per offset
-and chunk of samples, squared (absolute for MAS) and summed over samples; per group when
-``groups > 1``. The bias gradient is :math:`\sum_L \delta_i`. Conv1d runs as a Conv2d of height 1.
+output positions), the per-sample weight gradient is :math:`\delta_i U_i^\top`, where
+:math:`U_i` (``[C_in k_h k_w, L]``) is the input seen through every kernel offset (im2col). The
+unfolded input is built once per chunk of samples from one strided slice per offset (``F.unfold``
+is slow on CPU) and shared by all backward passes; each pass is then one batched matmul per
+chunk (per group when ``groups > 1``), squared (absolute for MAS) and summed over samples.
+Chunks are cache-sized on a CPU, so the per-sample gradients are squared where they are made.
+The bias gradient is :math:`\sum_L \delta_i`. Conv1d runs as a Conv2d of height 1.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._util import chunk_budget, sample_chunks
-from . import layer_input, power_of, register_rule, sum_of_powers, trainable
+from ..persample import power_of_
+from . import layer_input, register_rule, sum_of_powers, trainable
 
 
 def padded_2d(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
@@ -55,22 +58,37 @@ def conv_rule(
     x = padded_2d(module, layer_input(args, kwargs))
     n, c_in = x.shape[:2]
     groups, c_out = module.groups, module.out_channels
-    total = x.new_zeros(groups, c_out // groups, c_in // groups, kernel[0] * kernel[1])
-    per_sample = (c_in * height * width + c_out * c_in // groups) * x.element_size()
+    span = c_in // groups * kernel[0] * kernel[1]  # weight entries per output channel
+    total = x.new_zeros(groups, c_out // groups, span)
+    per_sample = (c_in * kernel[0] * kernel[1] * height * width + c_out * span) * x.element_size()
     for rows in sample_chunks(n, per_sample, chunk_budget(x.device)):
-        ds = [d[rows].unflatten(1, (groups, -1)).flatten(0, 1) for d in deltas]
-        for u in range(kernel[0]):
-            for v in range(kernel[1]):
-                top, left = u * dilation[0], v * dilation[1]
-                window = x[
-                    rows,
-                    :,
-                    top : top + (height - 1) * stride[0] + 1 : stride[0],
-                    left : left + (width - 1) * stride[1] + 1 : stride[1],
-                ]
-                seen = window.reshape(-1, c_in // groups, height * width).transpose(1, 2)
-                for d in ds:
-                    g = torch.bmm(d, seen).unflatten(0, (-1, groups))
-                    total[..., u * kernel[1] + v] += power_of(g, power).sum(0)
+        seen = _unfolded(x[rows], kernel, stride, dilation, (height, width))
+        seen = seen.view(-1, span, height * width).transpose(1, 2)  # [chunk * groups, L, span]
+        for d in deltas:
+            g = torch.bmm(d[rows].reshape(-1, c_out // groups, height * width), seen)
+            total += power_of_(g, power).unflatten(0, (-1, groups)).sum(0)
     out["weight"] = total.reshape(module.weight.shape)
     return out
+
+
+def _unfolded(
+    x: Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    size: tuple[int, int],
+) -> Tensor:
+    """im2col of a padded input ``x [N, C_in, H, W]``: ``[N, C_in, k_h * k_w, H_out, W_out]``,
+    entry ``[:, c, u * k_w + v]`` the input seen through kernel offset ``(u, v)``."""
+    height, width = size
+    seen = x.new_empty(x.shape[0], x.shape[1], kernel[0] * kernel[1], height, width)
+    for u in range(kernel[0]):
+        for v in range(kernel[1]):
+            top, left = u * dilation[0], v * dilation[1]
+            seen[:, :, u * kernel[1] + v] = x[
+                :,
+                :,
+                top : top + (height - 1) * stride[0] + 1 : stride[0],
+                left : left + (width - 1) * stride[1] + 1 : stride[1],
+            ]
+    return seen

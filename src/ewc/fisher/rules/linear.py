@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._util import chunk_budget, sample_chunks
+from ..persample import power_of_
 from . import layer_input, power_of, register_rule, sum_of_powers, trainable
 
 
@@ -46,7 +47,7 @@ def linear_rule(
         for rows in sample_chunks(a3.shape[0], per_sample, chunk_budget(a.device)):
             for d in deltas:
                 g = torch.bmm(d[rows].transpose(1, 2), a3[rows])  # per-sample [chunk, out, in]
-                w += (g.square_() if power == 2 else g.abs_()).sum(0)
+                w += power_of_(g, power).sum(0)
         out["weight"] = w
     if want_b:
         out["bias"] = sum_of_powers([d.sum(1) for d in deltas], power).sum(0)
