@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import ewc
-from ewc.cli import main
+from ewc.cli import _demo_eta, main
+from ewc.runner import RunConfig
 
 FAST = ["--benchmark", "split-digits", "--epochs", "1", "--hidden", "32", "--quiet"]
 
@@ -266,6 +267,14 @@ def test_wrong_data_dir_exit_2(corrupt, tmp_path, capsys, monkeypatch):
         assert lines[0].startswith("ewc run: error: Could not find the mnist files")
         assert str(tmp_path / "cache" / "mnist") in err and "split-digits" in err
         assert max(map(len, lines)) < 250  # not one 900-character line
+
+
+def test_demo_eta_prices_the_seed_experiment_on_this_machine():
+    """The demo's ETA, from one timed step of its model: positive, and six times the training
+    samples (the full demo against --fast) cost more."""
+    base = RunConfig(benchmark="fashion-mnist-to-mnist")
+    fast = _demo_eta(base, 10000)
+    assert 0 < fast < _demo_eta(base, 60000)
 
 
 def test_demo_falls_back_offline(tmp_path, capsys, monkeypatch):

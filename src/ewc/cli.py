@@ -534,6 +534,49 @@ def _demo_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def _demo_eta(base: RunConfig, n_train: int, n_test: int = 10000) -> float:
+    """Seconds the seed experiment should take here, both strategies: its training steps,
+    evaluated samples and Fisher samples, each priced by timing its model once on random data
+    (a training step, a forward of 256 samples, the exact Fisher of 128; a few seconds).
+    ``n_train`` / ``n_test``: samples per task (10,000 test images in both datasets)."""
+    import time
+
+    import torch
+    from torch.nn import functional as F
+
+    from ewc.fisher import fisher_diagonal
+    from ewc.models import build_model
+    from ewc.runner import evaluate
+    from ewc.runner.task import n_steps
+
+    cfg = resolve_config(dataclasses.replace(base, strategy="ewc"))
+    assert cfg.batch_size is not None and cfg.fisher_samples is not None
+    model = build_model(str(cfg.model), (1, 28, 28), 10)
+    optimizer = torch.optim.Adam(model.parameters())
+    x, y = torch.rand(cfg.batch_size, 1, 28, 28), torch.randint(0, 10, (cfg.batch_size,))
+
+    def seconds(fn: Any) -> float:
+        fn()  # warm-up
+        tic = time.perf_counter()
+        fn()
+        return time.perf_counter() - tic
+
+    def step() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    per_step = seconds(step)
+    per_eval = seconds(lambda: evaluate(model, x[:256], y[:256])) / len(x[:256])
+    per_fisher = seconds(lambda: fisher_diagonal(model, [(x[:128], y[:128])])) / len(x[:128])
+    tasks = 2
+    # After every task all tasks are tested; about 11 curve points a task on curve_samples each.
+    evaluated = tasks * tasks * (n_test + 11 * cfg.curve_samples)
+    one_run = tasks * n_steps(cfg, n_train) * per_step + evaluated * per_eval
+    fisher = (tasks - 1) * min(cfg.fisher_samples, n_train) * per_fisher
+    return len(DEMO_STRATEGIES) * one_run + fisher
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     _check_out_folder(args)
     base = _demo_config(args)
@@ -546,6 +589,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         )
         print(note, file=sys.stderr)
     print(f"demo: {base.benchmark}, strategies {', '.join(DEMO_STRATEGIES)}")
+    if not stand_in:  # the stand-in takes seconds
+        eta = _demo_eta(base, 10000 if args.fast else 60000)
+        print(f"demo: ETA about {eta / 60:.1f} minutes on this machine (priced by a timed step)")
     results = compare(
         base,
         DEMO_STRATEGIES,
