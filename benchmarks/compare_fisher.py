@@ -29,6 +29,7 @@ as a multiple of ours (> 1: ours is faster).
 
     python benchmarks/compare_fisher.py [--samples 2000] [--batch 128] [--repeats 5]
         [--threads 1] [--models cnn,mlp] [--kinds exact,empirical,sampled,kfac]
+        [--skip Opacus,BatchGrad]  (leave out references by a word of their label)
 """
 
 from __future__ import annotations
@@ -164,8 +165,9 @@ def kfac_curvlinops(model: nn.Module, batches: Batches) -> dict[str, Tensor]:
     return out
 
 
-def implementations(kind: str, available: set[str]) -> dict[str, Fisher]:
-    """``{label: fisher}``: ours first, then the importable references for ``kind``."""
+def implementations(kind: str, available: set[str], skip: list[str]) -> dict[str, Fisher]:
+    """``{label: fisher}``: ours first, then the importable references for ``kind`` whose label
+    contains none of ``skip``."""
     table: dict[str, tuple[str, Fisher]] = {}
     if kind == "exact":
         table = {
@@ -186,7 +188,11 @@ def implementations(kind: str, available: set[str]) -> dict[str, Fisher]:
     elif kind == "kfac":
         table = {"curvlinops KFACLinearOperator type-2": ("curvlinops", kfac_curvlinops)}
     first: dict[str, Fisher] = {"ewc (ours)": kfac_ours if kind == "kfac" else ours(kind)}
-    return first | {label: f for label, (lib, f) in table.items() if lib in available}
+    return first | {
+        label: f
+        for label, (lib, f) in table.items()
+        if lib in available and not any(word in label for word in skip)
+    }
 
 
 def data(n: int, batch: int, dtype: torch.dtype) -> Batches:
@@ -212,7 +218,7 @@ def fresh(name: str, dtype: torch.dtype) -> nn.Module:
 
 def compare(name: str, kind: str, available: set[str], args: argparse.Namespace) -> list[list[str]]:
     """Table rows for one model and kind: check agreement, then time interleaved."""
-    impls = implementations(kind, available)
+    impls = implementations(kind, available, [w for w in args.skip.split(",") if w])
     check = data(args.check_samples, args.batch, torch.float64)
     agree = {}
     torch.set_default_dtype(torch.float64)  # for tensors a library makes itself (nngeometry)
@@ -261,6 +267,9 @@ def main() -> None:
     parser.add_argument(
         "--kinds", default="exact,empirical,sampled,kfac", help="exact, empirical, sampled, kfac"
     )
+    parser.add_argument(
+        "--skip", default="", help="leave out references whose label contains one of these"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     available = {lib for lib in REFERENCES if importlib.util.find_spec(lib)}
@@ -277,7 +286,7 @@ def main() -> None:
     for name in args.models.split(","):
         for kind in args.kinds.split(","):
             rows += compare(name, kind, available, args)
-            print(f"  done: {name} {kind}", flush=True)
+            print(f"  done: {name} {kind} ({time.strftime('%H:%M:%S')})", flush=True)
     print()
     print("| model | Fisher | implementation | seconds | × ours | max rel. difference (float64) |")
     print("|---|---|---|---:|---:|---:|")
