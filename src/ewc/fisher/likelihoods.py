@@ -160,17 +160,16 @@ class CategoricalLikelihood:
             p = flat[:, t]  # [N, C]
             most = p.amax(dim=0)
             k = int(most.argmax())
+            keep = (most > 0).index_fill_(0, torch.tensor(k, device=p.device), False)
             q = p.sqrt()
             shift = p.clone()
             shift[:, k] += q[:, k]
             shift /= 1 + q[:, k : k + 1]  # (p + q_k e_k) / (1 + q_k), [N, C]
-            for j in torch.nonzero(most > 0).flatten().tolist():
-                if j == k:
-                    continue
+            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)[keep]  # e_j, [J, C]
+            columns = q[:, keep, None] * (eye - shift[:, None, :])  # v_j, [N, J, C]
+            for j in range(columns.shape[1]):
                 v = torch.zeros_like(flat)
-                v[:, t] = -shift
-                v[:, t, j] += 1.0
-                v[:, t] *= q[:, j : j + 1]
+                v[:, t] = columns[:, j]
                 yield v.view_as(output)
 
 
