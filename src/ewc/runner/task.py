@@ -42,15 +42,16 @@ class Batches:
 def evaluate(
     model: nn.Module, x: Tensor, y: Tensor, active: Tensor | None = None, batch_size: int = 256
 ) -> float:
-    """Accuracy (fraction) of ``model`` on inputs ``x`` [N, ...] with labels ``y`` [N], in
-    inference mode (no graph), in batches of ``batch_size``. On a CPU, the seed CNN's
-    activations for 1000 samples (100 MB a layer) are over glibc's 32 MB mmap threshold, so each
-    batch page-faults them in anew: 250k page faults and 1.8x the time of batches of 256 for
-    2000 samples."""
+    """Accuracy (fraction) of ``model`` on inputs ``x`` [N, ...] with labels ``y`` [N], without
+    a graph (``no_grad``, not ``inference_mode``: FSDP2 writes into its all-gather buffers
+    outside it, which inference tensors forbid), in batches of ``batch_size``. On a CPU, the
+    seed CNN's activations for 1000 samples (100 MB a layer) are over glibc's 32 MB mmap
+    threshold, so each batch page-faults them in anew: 250k page faults and 1.8x the time of
+    batches of 256 for 2000 samples."""
     was_training = model.training
     model.eval()
     correct = 0
-    with torch.inference_mode():
+    with torch.no_grad():
         for start in range(0, len(y), batch_size):
             logits = mask_logits(model(to_float(x[start : start + batch_size])), active)
             correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
