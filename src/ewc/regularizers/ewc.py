@@ -3,7 +3,10 @@ Fisher of the task just learned as the importance."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+import time
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -17,6 +20,17 @@ from ewc.fisher.likelihoods import resolve_likelihood
 from ewc.regularizers.base import QuadraticRegularizer
 from ewc.regularizers.checks import check_fisher_samples
 from ewc.regularizers.registry import Strategy, register
+from ewc.regularizers.scale import (
+    Probe,
+    WeakPenaltyWarning,
+    check_normalize,
+    confidence,
+    importance_scale,
+    normalizer,
+    rewrite_costs,
+    strength,
+    weak_penalty_message,
+)
 
 
 class EWC(QuadraticRegularizer):
@@ -39,6 +53,19 @@ class EWC(QuadraticRegularizer):
         forward: ``forward(model, batch) -> (output, target)``; default ``model(x), y``.
         distributed: all-reduce the Fisher over ranks when a ``torch.distributed`` process
             group is initialised (default), so every rank holds the same penalty.
+        normalize: ``None`` (default: the Fisher as it is), ``"mean"`` or ``"max"``: each
+            task's Fisher divided by its mean (or max) over all regularized entries before it is
+            merged, so that λ means the same on models of other sizes and confidence
+            (:mod:`ewc.regularizers.scale`; docs/results.md, "λ across models").
+
+    Each :meth:`consolidate` appends to :attr:`stats` the Fisher's scale (overall and per
+    parameter: mean, max, quantiles; before normalisation), the ``normalizer`` it was divided
+    by, per parameter (``rewrite``) the cost (the merged penalty per unit of λ of moving its
+    entries to zero), the fraction of entries ``unprotected`` at this λ and the λ that protects
+    half of them (``lam_half``, on the normalised scale), the model's ``confidence`` on the
+    consolidation data (mean max-probability and entropy) and ``probe_s``, the seconds that
+    took; it warns (:class:`~ewc.regularizers.scale.WeakPenaltyWarning`) when the penalty cannot
+    matter (:mod:`ewc.regularizers.scale` says how that is decided).
     """
 
     def __init__(
@@ -54,17 +81,64 @@ class EWC(QuadraticRegularizer):
         likelihood: Any = "categorical",
         forward: Forward | None = None,
         distributed: bool = True,
+        normalize: str | None = None,
     ) -> None:
         if fisher not in FISHER_KINDS:
             raise ValueError(f"unknown fisher={fisher!r}; choose one of {', '.join(FISHER_KINDS)}.")
         check_fisher_samples(fisher_samples)
         resolve_likelihood(likelihood, fisher)  # an unknown likelihood fails here, not at the end
+        check_normalize(normalize)
         super().__init__(model, lam, mode=mode, gamma=gamma, state_dtype=state_dtype)
         self.fisher = fisher
         self.fisher_samples = fisher_samples
         self.likelihood = likelihood
         self.forward = forward
         self.distributed = check_flag("distributed", distributed)
+        self.normalize = normalize
+        #: One dict per task merged (see the class docstring); plain numbers and strings.
+        self.stats: list[dict[str, Any]] = []
+
+    def consolidate(self, batches: Iterable[Any] | None = None) -> None:
+        """End of a task: the Fisher on ``batches``, merged (normalised as ``normalize`` says)
+        with the current parameters as anchor; then its :attr:`stats` completed from the first
+        :data:`~ewc.regularizers.scale.PROBE_SAMPLES` samples, and the strength checked."""
+        self._follow_model()
+        probe = None if batches is None else Probe(batches)
+        self.add_task(self.task_importance(probe))
+        assert probe is not None  # task_importance refused None
+        tic = time.perf_counter()
+        likelihood = resolve_likelihood(self.likelihood, self.fisher)
+        stats = self.stats[-1]
+        stats["confidence"] = confidence(self.model, probe.kept, self.forward, likelihood)
+        stats["probe_s"] = time.perf_counter() - tic
+        message = weak_penalty_message(type(self).__name__, self.lam, stats)
+        if message is not None:
+            warnings.warn(message, WeakPenaltyWarning, stacklevel=2)
+
+    def add_task(
+        self, importance: Mapping[str, Tensor], anchor: Mapping[str, Tensor] | None = None
+    ) -> None:
+        """Merge one task's Fisher (see :meth:`QuadraticRegularizer.add_task`), divided first
+        as ``normalize`` says; its scale is appended to :attr:`stats`."""
+        scale = importance_scale(importance)
+        divisor = normalizer(importance, self.normalize)
+        if divisor != 1.0:
+            importance = {n: f / divisor for n, f in importance.items()}
+        super().add_task(importance, anchor)
+        costs = rewrite_costs(self.importance, self.anchor)
+        sizes = {n: p.numel() for n, p in zip(self._names, self._params, strict=True)}
+        self.stats.append(
+            {
+                "task": self.n_tasks - 1,
+                "normalize": self.normalize,
+                "normalizer": divisor,
+                "fisher_mean": scale["mean"],
+                "fisher_max": scale["max"],
+                **strength(self.lam, costs, sizes),
+                "layers": scale["layers"],
+                "rewrite": costs,
+            }
+        )
 
     def task_importance(self, batches: Iterable[Any] | None) -> dict[str, Tensor]:
         """The diagonal Fisher of the current model on ``batches`` (the task just learned)."""
@@ -83,6 +157,34 @@ class EWC(QuadraticRegularizer):
             distributed=self.distributed,
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`QuadraticRegularizer.state_dict` with ``normalize`` and ``stats``."""
+        state = super().state_dict()
+        state["normalize"] = self.normalize
+        state["stats"] = copy.deepcopy(self.stats)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """:meth:`QuadraticRegularizer.load_state_dict`, restoring ``normalize`` and ``stats``
+        too; a state saved before they existed loads as ``normalize=None`` (the raw Fisher it
+        holds) with no stats."""
+        if isinstance(state, Mapping):
+            state = {"normalize": None, "stats": [], **state}
+        super().load_state_dict(state)
+        self.normalize = state["normalize"]
+        self.stats = copy.deepcopy(list(state["stats"]))
+
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        try:
+            check_normalize(state["normalize"])
+        except ValueError as e:
+            raise ValueError(f"state dict 'normalize': {e}") from None
+        stats = state["stats"]
+        if not isinstance(stats, list) or not all(isinstance(s, Mapping) for s in stats):
+            raise ValueError(
+                f"state dict 'stats' must be a list of dicts (one per task); got {stats!r:.80}."
+            )
+
 
 class OnlineEWC(EWC):
     r"""Online EWC (Schwarz et al., ICML 2018, "Progress & compress"; Huszár 2018): EWC with
@@ -95,5 +197,5 @@ class OnlineEWC(EWC):
         super().__init__(model, lam, mode="online", gamma=gamma, **kwargs)
 
 
-register(Strategy("ewc", EWC, 1e4, ("fisher",), uses_data=True))
-register(Strategy("online-ewc", OnlineEWC, 1e4, ("fisher", "gamma"), uses_data=True))
+register(Strategy("ewc", EWC, 1e4, ("fisher", "normalize"), uses_data=True))
+register(Strategy("online-ewc", OnlineEWC, 1e4, ("fisher", "gamma", "normalize"), uses_data=True))

@@ -50,6 +50,9 @@ class RunConfig:
         gamma: online EWC decay γ in (0, 1]; ``xi``: SI damping ξ.
         fisher: Fisher kind for EWC (exact, sampled, empirical, batched);
             ``fisher_samples``: samples per Fisher estimate (``None`` = the whole training set).
+        normalize: EWC's Fisher normalisation (``"mean"``, ``"max"``; ``None``: the raw Fisher,
+            and the key is left out of :meth:`to_dict`, so configs and results files from before
+            the option still match).
         seed: seeds model initialisation, data order, permutations and validation splits.
         data_dir: where MNIST-format files are (else ``$EWC_DATA_DIR``, cache, download).
         download: allow downloading missing data.
@@ -85,6 +88,7 @@ class RunConfig:
     xi: float = 0.1
     fisher: str = "exact"
     fisher_samples: int | None = None
+    normalize: str | None = None
     seed: int = 0
     data_dir: str | None = None
     download: bool = True
@@ -117,6 +121,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden) if self.hidden is not None else None
+        if d["normalize"] is None:  # newer than the results files and checkpoints it must match
+            del d["normalize"]
         return d
 
 
@@ -250,7 +256,7 @@ def applicable_settings(
     if cfg.strategy != "si":
         unused.add("xi")
     if cfg.strategy not in ("ewc", "online-ewc"):
-        unused |= {"fisher", "fisher_samples"}
+        unused |= {"fisher", "fisher_samples", "normalize"}
     if own_stream:
         unused |= {"benchmark", "n_tasks"}
     if own_stream or (cfg.benchmark or "").endswith("-digits"):
