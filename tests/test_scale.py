@@ -20,7 +20,7 @@ from ewc.fisher import fisher_diagonal
 from ewc.regularizers import EWC, OnlineEWC, make_regularizer
 from ewc.regularizers.scale import (
     PROBE_SAMPLES,
-    UNPROTECTED_FRACTION,
+    WEAK_MARGIN,
     WeakPenaltyWarning,
     importance_scale,
     rewrite_costs,
@@ -95,10 +95,11 @@ def test_stats_hold_the_fishers_scale_per_layer_as_computed_directly() -> None:
 
 def test_confidence_is_read_from_the_first_probe_samples_only() -> None:
     model = mlp()
-    data = batches(n=2 * PROBE_SAMPLES, size=PROBE_SAMPLES // 2)  # 4 batches, 2 of them probed
+    size = PROBE_SAMPLES // 2 + 10  # the second batch is cut: 256 samples of 3 batches
+    data = batches(n=3 * size, size=size)
     (stats,) = consolidated(model, 1.0, iter(data)).stats  # a one-pass iterable
     with torch.no_grad():
-        p = torch.softmax(model(torch.cat([x for x, _ in data[:2]])), -1)
+        p = torch.softmax(model(torch.cat([x for x, _ in data])[:PROBE_SAMPLES]), -1)
     assert stats["confidence"]["max_prob"] == pytest.approx(float(p.max(-1).values.mean()))
     entropy = float(-(p * p.log()).sum(-1).mean())
     assert stats["confidence"]["entropy"] == pytest.approx(entropy)
@@ -131,27 +132,40 @@ def test_rewrite_costs_and_strength_by_hand() -> None:
 
 def test_a_near_certain_model_gets_a_warning_naming_the_cause_and_the_remedy() -> None:
     model, data = separable(scale=30.0)
-    reg = EWC(model, lam=1e4)
+    reg = EWC(model, lam=1e3)
     with pytest.warns(WeakPenaltyWarning) as record:
         reg.consolidate(data)
     message = str(record[0].message)
     stats = reg.stats[0]
     assert stats["confidence"]["max_prob"] > 0.99
-    assert stats["unprotected"] > UNPROTECTED_FRACTION
+    assert stats["lam_half"] > 1e3 * WEAK_MARGIN
     assert "the penalty cannot matter" in message
+    assert f"λ½ = {stats['lam_half']:.3g}" in message
+    assert f"at this λ, {100 * stats['unprotected']:.0f}% cost less" in message
     assert "the Fisher vanished because the model is near-certain" in message
     assert f"mean Fisher = {stats['fisher_mean']:.3g}" in message
     assert f"mean max-probability = {stats['confidence']['max_prob']:.6f}" in message
-    assert f"normalize='mean' with λ around {stats['lam_half'] * stats['fisher_mean']:.0e}" in (
-        message
-    )
-    assert f"a λ around {stats['lam_half']:.0e}" in message
-    # The remedy holds: the λ it names protects half of the entries, and then it is silent.
+    lam_half = stats["lam_half"]
+    assert f"a λ from {lam_half:.0e} to {10 * lam_half:.0e}" in message
+    assert "normalize='rewrite' with λ from 1 to 10" in message
+    # The remedies hold: at λ½, and at λ = 1 normalised, it is silent.
     with warnings.catch_warnings():
         warnings.simplefilter("error", WeakPenaltyWarning)
-        EWC(model, lam=stats["lam_half"]).consolidate(data)
-        normalized = stats["lam_half"] * stats["fisher_mean"]
-        EWC(model, lam=normalized, normalize="mean").consolidate(data)
+        EWC(model, lam=lam_half).consolidate(data)
+        EWC(model, lam=1.0, normalize="rewrite").consolidate(data)
+    with pytest.warns(WeakPenaltyWarning) as record:
+        EWC(model, lam=0.01, normalize="rewrite").consolidate(data)
+    assert "normalize='rewrite'" not in str(record[0].message)
+
+
+def test_the_warning_fires_below_the_margin_only() -> None:
+    model, data = separable(scale=30.0)
+    lam_half = consolidated(model, 1.0, data).stats[0]["lam_half"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WeakPenaltyWarning)
+        EWC(model, lam=1.01 * lam_half / WEAK_MARGIN).consolidate(data)
+    with pytest.warns(WeakPenaltyWarning):
+        EWC(model, lam=0.99 * lam_half / WEAK_MARGIN).consolidate(data)
 
 
 def test_no_warning_for_the_same_lambda_on_an_unsure_model_nor_for_lambda_zero() -> None:
@@ -173,7 +187,7 @@ def test_a_small_lambda_on_an_uncertain_model_is_named_as_such() -> None:
 @settings(max_examples=25, deadline=None)
 @given(
     scale=st.floats(min_value=1e-12, max_value=1e12),
-    normalize=st.sampled_from(["mean", "max"]),
+    normalize=st.sampled_from(["mean", "max", "rewrite"]),
     online=st.booleans(),
 )
 def test_normalised_penalty_is_invariant_to_scaling_the_fisher(
@@ -209,6 +223,17 @@ def test_normalised_importance_has_unit_mean_or_max(normalize: str) -> None:
     reduced = flat.mean() if normalize == "mean" else flat.max()
     assert float(reduced) == pytest.approx(1.0, rel=1e-12)
     assert reg.stats[0]["normalizer"] == pytest.approx(reg.stats[0][f"fisher_{normalize}"])
+
+
+def test_rewrite_normalisation_puts_the_half_protecting_lambda_at_one() -> None:
+    model, data = mlp(), batches()
+    raw = consolidated(model, 1.0, data).stats[0]
+    (stats,) = consolidated(model, 1.0, data, normalize="rewrite").stats
+    assert stats["lam_half"] == pytest.approx(1.0, rel=1e-9)
+    assert stats["normalizer"] == pytest.approx(1.0 / raw["lam_half"], rel=1e-12)
+    assert stats["rewrite"] == pytest.approx(
+        {n: c * raw["lam_half"] for n, c in raw["rewrite"].items()}
+    )
 
 
 def test_an_all_zero_fisher_is_left_as_it_is() -> None:
@@ -271,7 +296,7 @@ def test_a_bad_normalize_or_stats_in_a_state_dict_is_refused_unchanged(
 
 
 def test_an_unknown_normalize_is_refused_with_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown normalize='sum'; choose one of mean, max"):
+    with pytest.raises(ValueError, match=r"unknown normalize='sum'; choose one of mean, max, rewr"):
         EWC(mlp(), lam=1.0, normalize="sum")
     with pytest.raises(ValueError, match=r"unknown normalize='l2'"):
         make_regularizer("online-ewc", mlp(), lam=1.0, normalize="l2")
@@ -299,9 +324,7 @@ def test_the_hugging_face_callback_passes_normalize_on() -> None:
     assert callback._continual.bind(mlp()).normalize == "mean"  # type: ignore[attr-defined]
 
 
-def test_a_tiny_bert_made_near_certain_is_warned_about_and_normalised_lambda_says_how_much() -> (
-    None
-):
+def test_a_tiny_bert_made_near_certain_is_warned_about_but_not_with_normalised_lambda() -> None:
     """The issue's case: a small transformer fine-tuned with Adam until it is near-certain."""
     pytest.importorskip("transformers")
     sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
@@ -330,4 +353,7 @@ def test_a_tiny_bert_made_near_certain_is_warned_about_and_normalised_lambda_say
     layers = importance_scale(reg.importance)["layers"]
     encoder = [v["mean"] for n, v in layers.items() if ".encoder." in n and n.endswith("weight")]
     assert max(encoder) < 1e-3 * layers["classifier.weight"]["mean"]  # the head dwarfs the rest
-    assert "normalize='mean'" in str(record[0].message)
+    assert "normalize='rewrite' with λ from 1 to 10" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WeakPenaltyWarning)
+        EWC(model, lam=1.0, forward=forward, normalize="rewrite").consolidate(data)

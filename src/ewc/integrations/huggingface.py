@@ -131,7 +131,9 @@ class EWCCallback(TrainerCallback):
             "task 0" (e.g. the base model's abilities), so the first ``train()`` is penalised
             too. Read when the callback is built; matched to the model when training starts.
         options: passed to the regularizer, e.g. ``fisher="empirical"``,
-            ``fisher_samples=2000``, ``gamma=0.9`` (online EWC), ``xi=0.1`` (SI).
+            ``fisher_samples=2000``, ``gamma=0.9`` (online EWC), ``xi=0.1`` (SI),
+            ``normalize="mean"`` (EWC: the Fisher divided by its mean, a λ that carries across
+            models; the regularizer's ``stats`` say what each consolidation saw).
 
     Attributes:
         regularizer: the regularizer (:class:`~ewc.regularizers.Regularizer`) of the trainer's model

@@ -73,7 +73,7 @@ class EWCCallback(Callback):
             or :class:`~ewc.importance_file.ImportanceFile`, merged as "task 0" when the first
             ``fit`` starts (matched to the module's trainable parameters by name).
         **options: further arguments of the strategy (``fisher="exact"``,
-            ``fisher_samples=1000``, ``gamma=0.9``, ``xi=0.1``, ...).
+            ``fisher_samples=1000``, ``gamma=0.9``, ``xi=0.1``, ``normalize="mean"``, ...).
     """
 
     def __init__(

@@ -55,8 +55,10 @@ class EWC(QuadraticRegularizer):
             group is initialised (default), so every rank holds the same penalty.
         normalize: ``None`` (default: the Fisher as it is), ``"mean"`` or ``"max"``: each
             task's Fisher divided by its mean (or max) over all regularized entries before it is
-            merged, so that λ means the same on models of other sizes and confidence
-            (:mod:`ewc.regularizers.scale`; docs/results.md, "λ across models").
+            merged; ``"rewrite"``: scaled so that at λ = 1 half of the weights cost one nat or
+            more of penalty to move to zero. For a λ that means the same on models of other
+            sizes and confidence (:mod:`ewc.regularizers.scale`; docs/results.md, "λ across
+            models", measures which does).
 
     Each :meth:`consolidate` appends to :attr:`stats` the Fisher's scale (overall and per
     parameter: mean, max, quantiles; before normalisation), the ``normalizer`` it was divided
@@ -120,8 +122,18 @@ class EWC(QuadraticRegularizer):
     ) -> None:
         """Merge one task's Fisher (see :meth:`QuadraticRegularizer.add_task`), divided first
         as ``normalize`` says; its scale is appended to :attr:`stats`."""
+        self._follow_model()
+        names = self._names
+        aligned = self._aligned(importance, "importance", partial=True)
+        importance = dict(zip(names, aligned, strict=True))
+        at = (
+            [p.detach() for p in self._params]
+            if anchor is None
+            else self._aligned(anchor, "anchor", partial=False)
+        )
+        anchor_t = dict(zip(names, at, strict=True))
         scale = importance_scale(importance)
-        divisor = normalizer(importance, self.normalize)
+        divisor = normalizer(importance, self.normalize, anchor_t)
         if divisor != 1.0:
             importance = {n: f / divisor for n, f in importance.items()}
         super().add_task(importance, anchor)

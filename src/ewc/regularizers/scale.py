@@ -13,18 +13,23 @@ The strength check (what the warning measures)
 ----------------------------------------------
 The penalty can only hold what it makes expensive to change. For each regularized parameter
 tensor :math:`l`, its *rewrite cost* is the penalty of moving every entry by its own size (to
-zero): :math:`c_l = \tfrac{\lambda}{2}\sum_{i\in l}\bar\Omega_i\bar\theta_i^2`, in nats. A new
-task whose loss falls by a nat or more per sample by rewriting tensor :math:`l` pays less than
-that in penalty when :math:`c_l < 1`: the tensor is *unprotected*. When unprotected tensors hold
-more than half of the regularized entries (:data:`UNPROTECTED_FRACTION`), the penalty cannot
-matter: :class:`WeakPenaltyWarning` says so, with the cause (the Fisher's scale, the model's
-confidence on the consolidation data) and the remedy: the λ at which half of the entries are
-protected (the median, weighted by entries, of :math:`2/\sum_{i\in l}\bar\Omega_i\bar\theta_i^2`),
-or ``normalize="mean"`` with that λ on the normalised scale. Why per tensor and not overall: a
-near-certain transformer's Fisher is 1e-5 to 1e-10 times smaller in its encoder than in its
-head, and Adam moves every weight at the same rate whatever its gradient's scale, so a λ that
-pins the head leaves the encoder free and the old task is lost all the same
-(docs/results.md, "λ across models", measured on a tiny BERT and the seed experiment).
+zero): :math:`c_l = \tfrac{\lambda}{2}\sum_{i\in l}\bar\Omega_i\bar\theta_i^2`, in nats; the
+tensor is *protected* when :math:`c_l \ge 1` (a new task must give up a nat of penalty or more to
+rewrite it). :math:`\lambda_{1/2}` is the λ at which tensors holding half of the regularized
+entries are protected (the entry-weighted median of :math:`2/\sum_{i\in l}\bar\Omega_i
+\bar\theta_i^2`). Measured (docs/results.md, "λ across models"): the best λ lay between 0.5 and
+20 :math:`\lambda_{1/2}` on the seed experiment's CNN, a tiny BERT fine-tuned to near-certainty
+and MLPs on permuted digits, whose raw λ differ by eight decades; every λ below
+:math:`\lambda_{1/2}/5` did as much as no penalty. So :class:`WeakPenaltyWarning` fires when
+:math:`\lambda < \lambda_{1/2}/` :data:`WEAK_MARGIN` (10): then even ten times this λ would leave
+most weights free, and the penalty cannot matter. It names the cause (a Fisher vanished on a
+near-certain model, or a λ small for it) and the remedy (λ from :math:`\lambda_{1/2}` to
+:math:`10\lambda_{1/2}`, or ``normalize="rewrite"``, which puts :math:`\lambda_{1/2}` at 1).
+
+Why per tensor and not overall: a near-certain transformer's Fisher is 1e-5 to 1e-10 times
+smaller in its encoder than in its head, and Adam moves every weight at the same rate whatever
+its gradient's scale, so a λ that pins the head leaves the encoder free and the old task is lost
+all the same.
 
 The confidence costs one no-grad forward over at most :data:`PROBE_SAMPLES` samples, the first
 batches the Fisher already read; the check itself is a sum over the parameters.
@@ -40,14 +45,14 @@ import torch
 from torch import Tensor, nn
 
 from ewc.fisher._util import eval_mode
-from ewc.fisher.batching import Forward, batch_size, default_forward, to_device
+from ewc.fisher.batching import Forward, batch_size, default_forward, take, to_device
 from ewc.fisher.likelihoods import BernoulliLikelihood, CategoricalLikelihood, Likelihood
 
 __all__ = [
     "NORMALIZATIONS",
     "PROBE_SAMPLES",
     "QUANTILES",
-    "UNPROTECTED_FRACTION",
+    "WEAK_MARGIN",
     "Probe",
     "WeakPenaltyWarning",
     "check_normalize",
@@ -60,13 +65,16 @@ __all__ = [
 ]
 
 #: ``normalize`` options: the Fisher of each task divided, before it is merged, by its mean
-#: (``"mean"``) or its maximum (``"max"``) over every regularized parameter entry.
-NORMALIZATIONS = ("mean", "max")
+#: (``"mean"``) or its maximum (``"max"``) over every regularized parameter entry, or scaled so
+#: that λ = 1 protects half of the entries (``"rewrite"``: multiplied by that task's λ½, see
+#: :func:`strength`; λ then counts multiples of the strength at which half of the weights cost
+#: one nat or more to rewrite).
+NORMALIZATIONS = ("mean", "max", "rewrite")
 #: Samples of the consolidation data read for the confidence.
 PROBE_SAMPLES = 256
-#: The penalty cannot matter when tensors it makes cheaper than 1 nat to rewrite hold more than
-#: this fraction of the regularized entries (module docstring).
-UNPROTECTED_FRACTION = 0.5
+#: The penalty cannot matter when λ is below λ½ (the λ that protects half of the regularized
+#: entries, :func:`strength`) divided by this margin (module docstring).
+WEAK_MARGIN = 10.0
 #: The quantiles of each layer's importance recorded at consolidation.
 QUANTILES = (0.5, 0.9, 0.99)
 #: ``torch.quantile`` reads at most this many entries; larger layers are read with a stride.
@@ -87,13 +95,21 @@ def check_normalize(normalize: Any) -> str | None:
     return normalize
 
 
-def normalizer(importance: Mapping[str, Tensor], normalize: str | None) -> float:
-    """What ``normalize`` divides the importance by: its mean or max over all entries (1 for
-    ``None``, or for an importance that is zero everywhere)."""
+def normalizer(
+    importance: Mapping[str, Tensor], normalize: str | None, anchor: Mapping[str, Tensor]
+) -> float:
+    """What ``normalize`` divides one task's importance by: its mean or max over all entries,
+    or for ``"rewrite"`` the reciprocal of the λ that protects half of the entries (at the
+    task's ``anchor``; :func:`strength`). 1 for ``None``, and where that is 0 or undefined (an
+    importance zero everywhere, or in more than half of the entries for ``"rewrite"``)."""
     if normalize is None:
         return 1.0
-    scale = importance_scale(importance)[normalize]
-    return scale if scale > 0 else 1.0
+    if normalize == "rewrite":
+        sizes = {n: f.numel() for n, f in importance.items()}
+        scale = 1.0 / strength(1.0, rewrite_costs(importance, anchor), sizes)["lam_half"]
+    else:
+        scale = importance_scale(importance)[normalize]
+    return scale if 0 < scale < math.inf else 1.0
 
 
 @torch.no_grad()
@@ -120,20 +136,21 @@ def importance_scale(importance: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 class Probe:
-    """Iterate over ``batches`` once, keeping the first batches that hold ``n`` samples, so
-    that the consolidation data can be read again after a one-pass iterable (a progress bar, a
-    generator) is spent."""
+    """Iterate over ``batches`` once, keeping their first ``n`` samples (``kept``: the first
+    batches, the last one cut), so that the consolidation data can be read again after a
+    one-pass iterable (a progress bar, a generator) is spent."""
 
     def __init__(self, batches: Iterable[Any], n: int = PROBE_SAMPLES) -> None:
         self._batches, self._n = batches, n
         self.kept: list[Any] = []
 
     def __iter__(self) -> Iterator[Any]:
-        kept = 0
+        left = self._n
         for batch in self._batches:
-            if kept < self._n:
-                self.kept.append(batch)
-                kept += batch_size(batch)
+            if left > 0:
+                size = batch_size(batch)
+                self.kept.append(batch if size <= left else take(batch, size, slice(0, left)))
+                left -= min(size, left)
             yield batch
 
 
@@ -202,11 +219,11 @@ def strength(lam: float, costs: Mapping[str, float], sizes: Mapping[str, int]) -
 
 
 def weak_penalty_message(name: str, lam: float, stats: Mapping[str, Any]) -> str | None:
-    """The warning for one consolidation's ``stats`` (``unprotected``, ``lam_half``,
-    ``fisher_mean``, ``normalizer``, ``normalize``, ``confidence``) when more than
-    :data:`UNPROTECTED_FRACTION` of the entries are unprotected; else ``None`` (also for
-    λ = 0, no penalty on purpose)."""
-    if lam == 0 or stats["unprotected"] <= UNPROTECTED_FRACTION:
+    """The warning for one consolidation's ``stats`` (``lam_half``, ``unprotected``,
+    ``fisher_mean``, ``normalize``, ``confidence``) when λ is below ``lam_half`` /
+    :data:`WEAK_MARGIN`; else ``None`` (also for λ = 0, no penalty on purpose)."""
+    lam_half = stats["lam_half"]
+    if lam == 0 or lam * WEAK_MARGIN >= lam_half:
         return None
     conf = stats.get("confidence")
     if conf is not None and conf["max_prob"] >= 0.99:
@@ -218,13 +235,12 @@ def weak_penalty_message(name: str, lam: float, stats: Mapping[str, Any]) -> str
     else:
         held = "" if conf is None else f", mean max-probability = {conf['max_prob']:.3f}"
         cause = f"λ is small for this model's Fisher (mean = {stats['fisher_mean']:.3g}{held})"
-    fix = f"a λ around {stats['lam_half']:.0e}"
-    if stats["normalize"] is None:  # the mean-normalised Fisher's costs are 1/mean(F) times these
-        normalized = stats["lam_half"] * stats["fisher_mean"]
-        fix = f"normalize='mean' with λ around {normalized:.0e}, or {fix}"
+    fix = f"a λ from {lam_half:.0e} to {10 * lam_half:.0e}"
+    if stats["normalize"] != "rewrite":
+        fix += " or normalize='rewrite' with λ from 1 to 10"
     return (
-        f"{name}: the penalty cannot matter: at λ = {lam:.3g}, moving the weights of tensors "
-        f"holding {100 * stats['unprotected']:.0f}% of the regularized entries all the way to "
-        f"zero costs less than 1 nat of penalty; {cause}. Use {fix} (where half of the entries "
-        "are protected); see ewc.regularizers.scale."
+        f"{name}: the penalty cannot matter: λ = {lam:.3g} is {lam / lam_half:.1e} of "
+        f"λ½ = {lam_half:.3g}, the λ at which half of the regularized weights cost 1 nat of "
+        f"penalty or more to move to zero (at this λ, {100 * stats['unprotected']:.0f}% cost "
+        f"less); {cause}. Use {fix} (choose on validation data); see ewc.regularizers.scale."
     )
