@@ -86,64 +86,68 @@ def main() -> None:
     done: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     points = done.get("points", {})
     for model, (hidden, longer) in MODELS.items():
-        for norm, normalize in NORMALIZE.items():
-            for lam in grids[norm]:
-                for seed in seeds:
-                    key = f"{model}|{norm}|{lam:g}|{seed}"
-                    if key in points:
-                        continue
-                    cfg = RunConfig(
-                        benchmark=args.benchmark,
-                        scenario="domain",
-                        n_tasks=args.tasks,
-                        strategy="ewc",
-                        hidden=hidden,
-                        epochs=args.epochs * longer,
-                        lam=lam,
-                        normalize=normalize,
-                        seed=seed,
-                        val_fraction=VAL_FRACTION,
-                        evaluate_on="val",
-                    )
-                    points[key] = one_run(cfg)
-                    print(key, points[key], flush=True)
-                    summary = {"args": vars(args) | {"out": str(args.out)}, "points": points}
-                    atomic_write_text(args.out, json.dumps(summary, indent=1) + "\n")
+        # λ = 0 first: the same training as no penalty, and the first task's stats
+        runs = [("none", 0.0)] + [(norm, lam) for norm in NORMALIZE for lam in grids[norm]]
+        for norm, lam in runs:
+            for seed in seeds:
+                key = f"{model}|{norm}|{lam:g}|{seed}"
+                if key in points:
+                    continue
+                cfg = RunConfig(
+                    benchmark=args.benchmark,
+                    scenario="domain",
+                    n_tasks=args.tasks,
+                    strategy="ewc",
+                    hidden=hidden,
+                    epochs=args.epochs * longer,
+                    lam=lam,
+                    normalize=NORMALIZE.get(norm),
+                    seed=seed,
+                    val_fraction=VAL_FRACTION,
+                    evaluate_on="val",
+                )
+                points[key] = one_run(cfg)
+                print(key, points[key], flush=True)
+                summary = {"args": vars(args) | {"out": str(args.out)}, "points": points}
+                atomic_write_text(args.out, json.dumps(summary, indent=1) + "\n")
     print(table(points, grids, seeds))
 
 
 def table(points: dict[str, Any], grids: dict[str, list[float]], seeds: list[int]) -> str:
-    """The Markdown table: per model and normalisation, its own best λ, and where the base
-    model's best λ lands on it (half-decades away, validation ACC there and at its own best)."""
+    """The Markdown table: per normalisation and model, its own best λ (the larger on a tie) and
+    every λ within one point of it, and where the base model's best λ lands on it: half-decades
+    away, and the validation ACC there against the model's own best and against λ = 0."""
 
     def mean_acc(model: str, norm: str, lam: float) -> float | None:
         accs = [points[f"{model}|{norm}|{lam:g}|{s}"]["acc"] for s in seeds]
         return None if None in accs else statistics.mean(accs)
 
     def first_task(model: str, field: str) -> float:
-        return statistics.mean(points[f"{model}|raw|{grids['raw'][0]:g}|{s}"][field] for s in seeds)
+        return statistics.mean(points[f"{model}|none|0|{s}"][field] for s in seeds)
 
     rows = [
-        "| model | conf. (task 1) | mean F | λ½ | Fisher | own best λ | base's λ | half-decades "
-        "off | val ACC at own best | at base's λ |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Fisher | model | conf. (task 1) | mean F | λ½ | own best λ | within 1 pt of it | "
+        "base's λ | half-decades off | val ACC at own best | at base's λ | at λ = 0 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for norm, grid in grids.items():
-        best: dict[str, float] = {}
+        scores = {m: {lam: mean_acc(m, norm, lam) for lam in grid} for m in MODELS}
+        best = {
+            m: max((a, lam) for lam, a in by_lam.items() if a is not None)
+            for m, by_lam in scores.items()
+        }
+        base = best["base"][1]
         for model in MODELS:
-            scored = [(a, lam) for lam in grid if (a := mean_acc(model, norm, lam)) is not None]
-            best[model] = max(scored)[1]
-        base = best["base"]
-        for model in MODELS:
-            own = best[model]
-            steps = abs(grid.index(own) - grid.index(base))
-            at_base = mean_acc(model, norm, base)
+            top, own = best[model]
+            near = [f"{lam:g}" for lam, a in scores[model].items() if (a or 0) >= top - 0.01]
+            at_base = scores[model][base]
             rows.append(
-                f"| {model} | {first_task(model, 'max_prob'):.4f} | "
+                f"| {norm} | {model} | {first_task(model, 'max_prob'):.3f} | "
                 f"{first_task(model, 'fisher_mean'):.2e} | {first_task(model, 'lam_half'):.3g} | "
-                f"{norm} | {own:g} | {base:g} | "
-                f"{steps} | {100 * mean_acc(model, norm, own):.2f} | "
-                f"{'diverged' if at_base is None else f'{100 * at_base:.2f}'} |"
+                f"{own:g} | {', '.join(near)} | {base:g} | "
+                f"{abs(grid.index(own) - grid.index(base))} | {100 * top:.1f} | "
+                f"{'diverged' if at_base is None else f'{100 * at_base:.1f}'} | "
+                f"{100 * mean_acc(model, 'none', 0.0):.1f} |"
             )
     return "\n".join(rows)
 

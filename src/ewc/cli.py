@@ -85,7 +85,7 @@ _RUN_OPTIONS: dict[str, tuple[str, str]] = {
     "--xi": ("xi", "SI damping ξ"),
     "--fisher": ("fisher", f"Fisher kind: {' | '.join(FISHER_KINDS)}"),
     "--fisher-samples": ("fisher_samples", "samples per Fisher estimate (default: all)"),
-    "--normalize": ("normalize", "EWC: divide each task's Fisher by its mean | max (default: raw)"),
+    "--normalize": ("normalize", "EWC's Fisher: mean | max | rewrite (λ½ = 1; default: raw)"),
     "--seed": ("seed", "random seed (model init, data order, permutations)"),
     "--data-dir": ("data_dir", "folder with MNIST-format files (else $EWC_DATA_DIR, cache)"),
     "--device": ("device", "cpu | cuda"),

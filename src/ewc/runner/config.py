@@ -50,7 +50,8 @@ class RunConfig:
         gamma: online EWC decay γ in (0, 1]; ``xi``: SI damping ξ.
         fisher: Fisher kind for EWC (exact, sampled, empirical, batched);
             ``fisher_samples``: samples per Fisher estimate (``None`` = the whole training set).
-        normalize: EWC's Fisher normalisation (``"mean"``, ``"max"``; ``None``: the raw Fisher,
+        normalize: EWC's Fisher normalisation (``"mean"``, ``"max"``, ``"rewrite"``:
+            :mod:`ewc.regularizers.scale`; ``None``: the raw Fisher,
             and the key is left out of :meth:`to_dict`, so configs and results files from before
             the option still match).
         seed: seeds model initialisation, data order, permutations and validation splits.
