@@ -109,13 +109,16 @@ def normalizer(
     or for ``"rewrite"`` the reciprocal of the λ that protects half of the entries (at the
     task's ``anchor``; :func:`strength`). 1 for ``None``, and where that is 0 or undefined (an
     importance zero everywhere, or in more than half of the entries for ``"rewrite"``)."""
-    if normalize is None:
+    values = [f.detach().double() for f in importance.values() if f.numel()]
+    if normalize is None or not values:
         return 1.0
     if normalize == "rewrite":
         sizes = {n: f.numel() for n, f in importance.items()}
         scale = 1.0 / strength(1.0, rewrite_costs(importance, anchor), sizes)["lam_half"]
+    elif normalize == "mean":
+        scale = sum(float(v.sum()) for v in values) / sum(v.numel() for v in values)
     else:
-        scale = importance_scale(importance)[normalize]
+        scale = max(float(v.max()) for v in values)
     return scale if 0 < scale < math.inf else 1.0
 
 
