@@ -274,6 +274,40 @@ def _saved(state: dict) -> object:
     return buffer
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("fisher_mean",),
+        ("confidence", "entropy"),
+        ("layers", "0.weight", "q90"),
+        ("layers", "2.bias"),
+        ("rewrite", "0.bias"),
+    ],
+)
+@pytest.mark.parametrize("edit", ["drop", "type"])
+def test_an_edited_value_inside_the_stats_is_refused(where: tuple[str, ...], edit: str) -> None:
+    model = mlp()
+    reg = consolidated(model, 3.0, batches())
+    state = reg.state_dict()
+    parent = state["stats"][0]
+    for key in where[:-1]:
+        parent = parent[key]
+    if edit == "drop":
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = "edited"
+    with pytest.raises(ValueError, match=r"state dict 'stats': task 0: "):
+        EWC(model, lam=1.0).load_state_dict(state)
+
+
+def test_stats_of_an_added_task_have_every_key_and_load_back() -> None:
+    model = mlp()
+    reg = EWC(model, lam=1.0)
+    reg.add_task({n: torch.ones_like(p) for n, p in model.named_parameters()})
+    assert reg.stats[0]["confidence"] is None and reg.stats[0]["probe_s"] == 0.0
+    EWC(model, lam=1.0).load_state_dict(reg.state_dict())
+
+
 def test_a_state_dict_from_before_normalize_and_stats_still_loads() -> None:
     model = mlp()
     reg = consolidated(model, 3.0, batches())
@@ -288,8 +322,10 @@ def test_a_state_dict_from_before_normalize_and_stats_still_loads() -> None:
     ("change", "match"),
     [
         ({"normalize": "sum"}, r"state dict 'normalize': unknown normalize='sum'"),
-        ({"stats": {"a": 1}}, r"state dict 'stats' must be a list of dicts"),
-        ({"stats": [1.0]}, r"state dict 'stats' must be a list of dicts"),
+        ({"stats": {"a": 1}}, r"state dict 'stats': should be a list of 1 dicts"),
+        ({"stats": []}, r"state dict 'stats': should be a list of 1 dicts"),
+        ({"stats": [1.0]}, r"'stats': task 0: should be a dict with keys"),
+        ({"stats": "edited"}, r"'stats': should be a list of 1 dicts"),
     ],
 )
 def test_a_bad_normalize_or_stats_in_a_state_dict_is_refused_unchanged(

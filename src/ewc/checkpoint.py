@@ -281,6 +281,9 @@ def _regularizer_problem(
         return f"'regularizer' should be a {own.get('type')} state"
     if saved.get("n_tasks") != tasks_done:
         return f"'regularizer.n_tasks' should be {tasks_done}, not {short(saved.get('n_tasks'))}"
+    missing = sorted(set(own) - set(saved))  # load_state_dict fills some for older states
+    if missing:
+        return f"'regularizer' lacks {missing}"
     settings = [k for k, v in own.items() if isinstance(v, str | float) and k != "constant"]
     differ = next((k for k in settings if saved.get(k) != own[k]), None)
     if differ is not None:

@@ -24,6 +24,7 @@ from ewc.regularizers.scale import (
     Probe,
     WeakPenaltyWarning,
     check_normalize,
+    check_stats,
     confidence,
     importance_scale,
     normalizer,
@@ -104,9 +105,8 @@ class EWC(QuadraticRegularizer):
         """End of a task: the Fisher on ``batches``, merged (normalised as ``normalize`` says)
         with the current parameters as anchor; then its :attr:`stats` completed from the first
         :data:`~ewc.regularizers.scale.PROBE_SAMPLES` samples, and the strength checked."""
-        self._follow_model()
         probe = None if batches is None else Probe(batches)
-        self.add_task(self.task_importance(probe))
+        super().consolidate(probe)
         assert probe is not None  # task_importance refused None
         tic = time.perf_counter()
         likelihood = resolve_likelihood(self.likelihood, self.fisher)
@@ -149,6 +149,8 @@ class EWC(QuadraticRegularizer):
                 **strength(self.lam, costs, sizes),
                 "layers": scale["layers"],
                 "rewrite": costs,
+                "confidence": None,  # consolidate() reads it from the data
+                "probe_s": 0.0,
             }
         )
 
@@ -181,21 +183,21 @@ class EWC(QuadraticRegularizer):
         too; a state saved before they existed loads as ``normalize=None`` (the raw Fisher it
         holds) with no stats."""
         if isinstance(state, Mapping):
-            state = {"normalize": None, "stats": [], **state}
+            state = {"normalize": None, "stats": None, **state}  # None: saved before stats
         super().load_state_dict(state)
         self.normalize = state["normalize"]
-        self.stats = copy.deepcopy(list(state["stats"]))
+        self.stats = copy.deepcopy(state["stats"] or [])
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         try:
             check_normalize(state["normalize"])
         except ValueError as e:
             raise ValueError(f"state dict 'normalize': {e}") from None
-        stats = state["stats"]
-        if not isinstance(stats, list) or not all(isinstance(s, Mapping) for s in stats):
-            raise ValueError(
-                f"state dict 'stats' must be a list of dicts (one per task); got {stats!r:.80}."
-            )
+        n_tasks = state["n_tasks"]
+        if state["stats"] is not None and isinstance(n_tasks, int):
+            problem = check_stats(state["stats"], self._names, n_tasks)
+            if problem is not None:
+                raise ValueError(f"state dict 'stats': {problem}.")
 
 
 class OnlineEWC(EWC):

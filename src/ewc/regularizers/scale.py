@@ -61,6 +61,7 @@ __all__ = [
     "Probe",
     "WeakPenaltyWarning",
     "check_normalize",
+    "check_stats",
     "confidence",
     "importance_scale",
     "normalizer",
@@ -100,6 +101,45 @@ def check_normalize(normalize: Any) -> str | None:
             "(or None: the raw Fisher)."
         )
     return normalize
+
+
+#: The keys of one task's stats (``EWC.stats``) and of their nested dicts.
+STAT_KEYS = frozenset(
+    {"task", "normalize", "normalizer", "fisher_mean", "fisher_max", "unprotected", "lam_half"}
+    | {"layers", "rewrite", "confidence", "probe_s"}
+)
+LAYER_KEYS = frozenset({"mean", "max", *(f"q{round(100 * q)}" for q in QUANTILES)})
+CONFIDENCE_KEYS = frozenset({"max_prob", "entropy"})
+
+
+def check_stats(stats: Any, names: Iterable[str], n_tasks: int) -> str | None:
+    """What is wrong with ``stats`` as the stats of ``n_tasks`` consolidations of a model with
+    parameters ``names`` (one dict per task, the keys of :data:`STAT_KEYS`, numbers where
+    numbers go), or ``None``."""
+    names = set(names)
+    if not isinstance(stats, list) or len(stats) != n_tasks:
+        return f"should be a list of {n_tasks} dicts (one per task)"
+
+    def numbers(d: Any, keys: frozenset[str]) -> bool:
+        return isinstance(d, dict) and set(d) == keys and all(type(d[k]) is float for k in keys)
+
+    for t, entry in enumerate(stats):
+        if not isinstance(entry, dict) or set(entry) != STAT_KEYS:
+            return f"task {t}: should be a dict with keys {sorted(STAT_KEYS)}"
+        scalars = STAT_KEYS - {"task", "normalize", "layers", "rewrite", "confidence"}
+        layers, rewrite, conf = entry["layers"], entry["rewrite"], entry["confidence"]
+        if (
+            entry["task"] != t
+            or type(entry["task"]) is not int
+            or (entry["normalize"] is not None and entry["normalize"] not in NORMALIZATIONS)
+            or not numbers({k: entry[k] for k in scalars}, frozenset(scalars))
+            or not (isinstance(layers, dict) and set(layers) == names)
+            or not all(numbers(v, LAYER_KEYS) for v in layers.values())
+            or not numbers(rewrite, frozenset(names))
+            or not (conf is None or numbers(conf, CONFIDENCE_KEYS))
+        ):
+            return f"task {t}: a value is missing or of the wrong type"
+    return None
 
 
 def normalizer(
