@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import warnings
@@ -401,3 +402,16 @@ def test_a_tiny_bert_made_near_certain_is_warned_about_but_not_with_normalised_l
     with warnings.catch_warnings():
         warnings.simplefilter("error", WeakPenaltyWarning)
         EWC(model, lam=1.0, forward=forward, normalize="rewrite").consolidate(data)
+
+
+def test_an_importance_file_records_the_normalisation_and_loads_unchanged(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    model = mlp()
+    reg = consolidated(model, 3.0, batches(), normalize="rewrite")
+    reg.save_pretrained(tmp_path / "fisher")
+    loaded = EWC.from_pretrained(model, tmp_path / "fisher", lam=3.0, normalize="rewrite")
+    assert loaded.stats[0]["normalizer"] == pytest.approx(1.0, rel=1e-6)  # already λ½ = 1
+    for n, omega in reg.importance.items():
+        torch.testing.assert_close(loaded.importance[n], omega, rtol=1e-6, atol=0)
+    meta = json.loads((tmp_path / "fisher" / "importance.json").read_text())
+    assert meta["normalize"] == "rewrite"

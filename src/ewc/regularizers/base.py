@@ -558,6 +558,7 @@ class QuadraticRegularizer(ABC):
             n_tasks=self.n_tasks,
             mode=self.mode,
             gamma=self.gamma,
+            normalize=getattr(self, "normalize", None),  # EWC's (ewc.regularizers.scale)
             data=dict(data or {}),
             model={"class": type(self.model).__name__},
         ).save(directory)
