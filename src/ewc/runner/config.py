@@ -122,9 +122,15 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden) if self.hidden is not None else None
-        if d["normalize"] is None:  # newer than the results files and checkpoints it must match
-            del d["normalize"]
+        for name, default in _NEWER_FIELDS.items():
+            if d[name] == default:  # absent from older results files and checkpoints
+                del d[name]
         return d
+
+
+#: Fields newer than the results files and checkpoints a config must still match on resume:
+#: left out of :meth:`RunConfig.to_dict` at their defaults.
+_NEWER_FIELDS: dict[str, Any] = {"normalize": None, "parallel": "ddp"}
 
 
 def choice(name: str, value: Any, choices: Sequence[Any]) -> None:
