@@ -63,6 +63,26 @@ def test_regularizer_state_is_sharded_and_complete(worker) -> None:
     assert ranks[1]["importance"]["2.weight"].shape == (1, 5)
 
 
+def test_normalised_fisher_and_its_scale_equal_one_process(worker) -> None:
+    """normalize='rewrite' and the recorded scale (means, maxima, rewrite costs, λ½) are those
+    of one process on all the data; the per-layer quantiles, which a shard cannot give, and the
+    confidence, which would need a forward on every rank's probe, are left out."""
+    _, ranks = worker
+    assert_same(concatenated(ranks, "rewrite"), ranks[0]["rewrite_single"])
+    for sharded, single in zip(ranks[0]["stats"], ranks[0]["stats_single"], strict=True):
+        for key in ("normalizer", "fisher_mean", "fisher_max", "lam_half", "unprotected"):
+            assert sharded[key] == pytest.approx(single[key], rel=1e-5), key
+        assert sharded["rewrite"] == pytest.approx(single["rewrite"], rel=1e-5)
+        for name, layer in sharded["layers"].items():
+            assert set(layer) == {"mean", "max"}
+            assert layer["mean"] == pytest.approx(single["layers"][name]["mean"], rel=1e-5)
+            assert layer["max"] == pytest.approx(single["layers"][name]["max"], rel=1e-5)
+        assert sharded["confidence"] is None and single["confidence"] is not None
+    for mine, theirs in zip(ranks[0]["stats"], ranks[1]["stats"], strict=True):
+        mine, theirs = dict(mine, probe_s=0.0), dict(theirs, probe_s=0.0)  # but timings
+        assert mine == theirs  # every rank records the same numbers
+
+
 def test_penalty_is_the_same_on_every_rank_and_equals_the_unsharded_one(worker) -> None:
     _, ranks = worker
     assert float(ranks[0]["penalty"]) > 0

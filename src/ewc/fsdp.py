@@ -86,23 +86,24 @@ def shard_of(full: Tensor, like: Tensor, reduce: bool) -> DTensor:
     return spread.redistribute(mesh, like.placements)
 
 
-def sum_over_ranks(values: Tensor, like: Iterable[Tensor]) -> Tensor:
-    """``values`` (any tensor) summed over the ranks of the mesh of the first ``DTensor`` in
-    ``like``, in place; unchanged when ``like`` holds none. Every rank must call it."""
+def sum_over_ranks(values: Tensor, like: Iterable[Tensor], op: Any = None) -> Tensor:
+    """``values`` (any tensor) summed (or reduced by ``op``, a ``dist.ReduceOp``) over the ranks
+    of the mesh of the first ``DTensor`` in ``like``, in place; unchanged when ``like`` holds
+    none. Every rank must call it."""
     mesh = next((t.device_mesh for t in like if isinstance(t, DTensor)), None)
     if mesh is not None:
-        dist.all_reduce(values, group=mesh.get_group())
+        dist.all_reduce(values, op=dist.ReduceOp.SUM if op is None else op, group=mesh.get_group())
     return values
 
 
-def summed(numbers: list[float], like: Iterable[Tensor]) -> list[float]:
-    """``numbers`` (per-shard counts or sums, in float64) summed over ranks when ``like`` holds
-    a ``DTensor``, else as they are. Every rank must call it."""
+def summed(numbers: list[float], like: Iterable[Tensor], op: Any = None) -> list[float]:
+    """``numbers`` (per-shard counts or sums, in float64) summed (or reduced by ``op``) over
+    ranks when ``like`` holds a ``DTensor``, else as they are. Every rank must call it."""
     sharded = [t for t in like if isinstance(t, DTensor)]
     if not sharded:
         return [float(v) for v in numbers]
     values = torch.tensor(numbers, dtype=torch.float64, device=sharded[0].device)
-    return [float(v) for v in sum_over_ranks(values, sharded).tolist()]
+    return [float(v) for v in sum_over_ranks(values, sharded, op).tolist()]
 
 
 def as_layout(t: Tensor, like: Tensor) -> Tensor:

@@ -85,6 +85,8 @@ def main(out: str) -> None:
     single = {k: ewc.fisher_diagonal(base, everything, kind=k, distributed=False) for k in kinds}
     ref = ewc.EWC(copy.deepcopy(base), lam=10.0, distributed=False)
     ref.consolidate(everything)
+    ref_rewrite = ewc.EWC(copy.deepcopy(base), lam=10.0, normalize="rewrite", distributed=False)
+    ref_rewrite.consolidate(everything)
     mas_single = ewc.MAS(base, lam=1.0, distributed=False).task_importance(everything)
 
     model = sharded(copy.deepcopy(base))
@@ -94,6 +96,8 @@ def main(out: str) -> None:
     }
     reg = ewc.EWC(model, lam=10.0)
     reg.consolidate(mine)
+    rewrite = ewc.EWC(model, lam=10.0, normalize="rewrite")
+    rewrite.consolidate(mine)
     mas = ewc.MAS(model, lam=1.0)
     mas.consolidate(mine)
     with torch.no_grad():
@@ -159,6 +163,10 @@ def main(out: str) -> None:
             "single": single,
             "importance": {n: t.to_local() for n, t in reg.importance.items()},
             "mas": {n: t.to_local() for n, t in mas.importance.items()},
+            "rewrite": {n: t.to_local() for n, t in rewrite.importance.items()},
+            "rewrite_single": dict(ref_rewrite.importance),
+            "stats": (reg.stats[0], rewrite.stats[0]),
+            "stats_single": (ref.stats[0], ref_rewrite.stats[0]),
             "mas_single": mas_single,
             "penalty": penalty,
             "penalty_single": penalty_single,

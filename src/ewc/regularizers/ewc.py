@@ -4,6 +4,7 @@ Fisher of the task just learned as the importance."""
 from __future__ import annotations
 
 import copy
+import json
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -111,7 +112,9 @@ class EWC(QuadraticRegularizer):
         tic = time.perf_counter()
         likelihood = resolve_likelihood(self.likelihood, self.fisher)
         stats = self.stats[-1]
-        stats["confidence"] = confidence(self.model, probe.kept, self.forward, likelihood)
+        # Under FSDP a forward is collective and the ranks keep different probes: not measured.
+        if not self._sharded:
+            stats["confidence"] = confidence(self.model, probe.kept, self.forward, likelihood)
         stats["probe_s"] = time.perf_counter() - tic
         message = weak_penalty_message(type(self).__name__, self.lam, stats)
         if message is not None:
@@ -172,10 +175,12 @@ class EWC(QuadraticRegularizer):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`QuadraticRegularizer.state_dict` with ``normalize`` and ``stats``."""
+        """:meth:`QuadraticRegularizer.state_dict` with ``normalize`` and ``stats``, the latter
+        as one JSON string (a list of any length would not fit the fixed key layout that
+        ``torch.distributed.checkpoint`` loads into)."""
         state = super().state_dict()
         state["normalize"] = self.normalize
-        state["stats"] = copy.deepcopy(self.stats)
+        state["stats"] = json.dumps(self.stats)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -184,6 +189,7 @@ class EWC(QuadraticRegularizer):
         holds) with no stats."""
         if isinstance(state, Mapping):
             state = {"normalize": None, "stats": None, **state}  # None: saved before stats
+            state["stats"] = _parsed_stats(state["stats"])
         super().load_state_dict(state)
         self.normalize = state["normalize"]
         self.stats = copy.deepcopy(state["stats"] or [])
@@ -198,6 +204,17 @@ class EWC(QuadraticRegularizer):
             problem = check_stats(state["stats"], self._names, n_tasks)
             if problem is not None:
                 raise ValueError(f"state dict 'stats': {problem}.")
+
+
+def _parsed_stats(stats: Any) -> Any:
+    """A state dict's ``stats``: the JSON string :meth:`EWC.state_dict` writes, parsed (other
+    values are left for :func:`~ewc.regularizers.scale.check_stats` to judge)."""
+    if not isinstance(stats, str):
+        return stats
+    try:
+        return json.loads(stats)
+    except ValueError:
+        raise ValueError("state dict 'stats' is not the JSON that state_dict() writes.") from None
 
 
 class OnlineEWC(EWC):

@@ -46,8 +46,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from ewc import fsdp
 from ewc.fisher._util import eval_mode
 from ewc.fisher.batching import Forward, batch_size, default_forward, take, to_device
 from ewc.fisher.likelihoods import BernoulliLikelihood, CategoricalLikelihood, Likelihood
@@ -109,6 +111,8 @@ STAT_KEYS = frozenset(
     | {"layers", "rewrite", "confidence", "probe_s"}
 )
 LAYER_KEYS = frozenset({"mean", "max", *(f"q{round(100 * q)}" for q in QUANTILES)})
+#: A layer's keys under FSDP: no quantiles (a rank holds only its shard of the parameter).
+SHARDED_LAYER_KEYS = frozenset({"mean", "max"})
 CONFIDENCE_KEYS = frozenset({"max_prob", "entropy"})
 
 
@@ -134,7 +138,9 @@ def check_stats(stats: Any, names: Iterable[str], n_tasks: int) -> str | None:
             or (entry["normalize"] is not None and entry["normalize"] not in NORMALIZATIONS)
             or not numbers({k: entry[k] for k in scalars}, frozenset(scalars))
             or not (isinstance(layers, dict) and set(layers) == names)
-            or not all(numbers(v, LAYER_KEYS) for v in layers.values())
+            or not all(
+                numbers(v, LAYER_KEYS) or numbers(v, SHARDED_LAYER_KEYS) for v in layers.values()
+            )
             or not numbers(rewrite, frozenset(names))
             or not (conf is None or numbers(conf, CONFIDENCE_KEYS))
         ):
@@ -149,17 +155,27 @@ def normalizer(
     or for ``"rewrite"`` the reciprocal of the λ that protects half of the entries (at the
     task's ``anchor``; :func:`strength`). 1 for ``None``, and where that is 0 or undefined (an
     importance zero everywhere, or in more than half of the entries for ``"rewrite"``)."""
-    values = [f.detach().double() for f in importance.values() if f.numel()]
-    if normalize is None or not values:
+    if normalize is None or not any(f.numel() for f in importance.values()):
         return 1.0
     if normalize == "rewrite":
         sizes = {n: f.numel() for n, f in importance.items()}
         scale = 1.0 / strength(1.0, rewrite_costs(importance, anchor), sizes)["lam_half"]
-    elif normalize == "mean":
-        scale = sum(float(v.sum()) for v in values) / sum(v.numel() for v in values)
     else:
-        scale = max(float(v.max()) for v in values)
+        total, count, top = _totals(importance.values())
+        scale = total / count if normalize == "mean" else top
     return scale if 0 < scale < math.inf else 1.0
+
+
+def _totals(tensors: Iterable[Tensor]) -> tuple[float, int, float]:
+    """The sum, the number of entries and the largest entry of ``tensors`` (float64), over the
+    whole tensors under FSDP (each rank's shard, reduced over the ranks)."""
+    tensors = list(tensors)
+    shards = [fsdp.local(t).detach().double() for t in tensors]
+    total = sum(float(v.sum()) for v in shards)
+    top = max((float(v.max()) for v in shards if v.numel()), default=-math.inf)
+    (total,) = fsdp.summed([total], tensors)
+    (top,) = fsdp.summed([top], tensors, op=dist.ReduceOp.MAX)
+    return total, sum(t.numel() for t in tensors), top
 
 
 @torch.no_grad()
@@ -169,19 +185,19 @@ def importance_scale(importance: Mapping[str, Tensor]) -> dict[str, Any]:
     :data:`QUANTILES` as ``q50``, ``q90``, ``q99`` (computed in float64; a parameter over
     2**24 entries is read with an even stride for its quantiles)."""
     layers: dict[str, dict[str, float]] = {}
-    total, count, top = 0.0, 0, -math.inf
     for name, value in importance.items():
-        v = value.detach().reshape(-1).double()
-        if v.numel() == 0:
+        if value.numel() == 0:
             continue
-        stride = math.ceil(v.numel() / _MAX_QUANTILE_ENTRIES)
-        q = torch.quantile(v[::stride], torch.tensor(QUANTILES, dtype=v.dtype, device=v.device))
-        layer = {"mean": float(v.mean()), "max": float(v.max())}
-        layer |= {f"q{round(100 * p)}": float(x) for p, x in zip(QUANTILES, q, strict=True)}
+        total, count, top = _totals([value])
+        layer = {"mean": total / count, "max": top}
+        if not fsdp.is_sharded(value):  # a shard's quantiles are not the parameter's
+            v = value.detach().reshape(-1).double()
+            stride = math.ceil(v.numel() / _MAX_QUANTILE_ENTRIES)
+            levels = torch.tensor(QUANTILES, dtype=v.dtype, device=v.device)
+            q = torch.quantile(v[::stride], levels)
+            layer |= {f"q{round(100 * p)}": float(x) for p, x in zip(QUANTILES, q, strict=True)}
         layers[name] = layer
-        total += float(v.sum())
-        count += v.numel()
-        top = max(top, layer["max"])
+    total, count, top = _totals(importance.values())
     return {"mean": total / max(count, 1), "max": top if count else 0.0, "layers": layers}
 
 
@@ -246,10 +262,10 @@ def rewrite_costs(
 ) -> dict[str, float]:
     r"""Per parameter tensor, :math:`\tfrac12\sum_i\Omega_i\theta_i^2` (float64): the
     penalty, per unit of λ, of moving every entry from the anchor to zero (module docstring)."""
-    return {
-        n: 0.5 * float((f.double() * anchor[n].double().square()).sum())
-        for n, f in importance.items()
-    }
+    names = list(importance)
+    shards = [(fsdp.local(importance[n]).double(), fsdp.local(anchor[n]).double()) for n in names]
+    costs = [0.5 * float((f * a.square()).sum()) for f, a in shards]
+    return dict(zip(names, fsdp.summed(costs, importance.values()), strict=True))
 
 
 def strength(lam: float, costs: Mapping[str, float], sizes: Mapping[str, int]) -> dict[str, float]:
