@@ -284,7 +284,9 @@ def _regularizer_problem(
     missing = sorted(set(own) - set(saved))  # load_state_dict fills some for older states
     if missing:
         return f"'regularizer' lacks {missing}"
-    settings = [k for k, v in own.items() if isinstance(v, str | float) and k != "constant"]
+    # Hyper-parameters, not state: the merged constant and EWC's stats (a JSON string) vary.
+    state_values = ("constant", "stats")
+    settings = [k for k, v in own.items() if isinstance(v, str | float) and k not in state_values]
     differ = next((k for k in settings if saved.get(k) != own[k]), None)
     if differ is not None:
         return f"'regularizer.{differ}' should be {short(own[differ])} (the run's setting)"
