@@ -107,6 +107,44 @@ class ImportanceFile:
     ewc_version: str = ""
     created: str = ""
 
+    @classmethod
+    def of(
+        cls,
+        regularizer: QuadraticRegularizer,
+        *,
+        data: Mapping[str, Any] | None = None,
+        n_samples: int | None = None,
+    ) -> ImportanceFile:
+        """The merged importance and anchor of ``regularizer`` with their provenance (what
+        :meth:`~ewc.regularizers.QuadraticRegularizer.save_pretrained` writes); ``ValueError``
+        before its first ``consolidate`` or for a bad ``n_samples``."""
+        from ewc.regularizers.registry import REGULARIZERS
+
+        if regularizer.n_tasks == 0:
+            raise ValueError(
+                f"{type(regularizer).__name__} has consolidated no task yet: there is no "
+                "importance to save. Call consolidate(batches) first."
+            )
+        if n_samples is not None and (
+            isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1
+        ):
+            raise ValueError(f"n_samples must be a positive int or None; got {n_samples!r}.")
+        kind = type(regularizer)
+        strategy = next((s.name for s in REGULARIZERS.values() if s.build is kind), kind.__name__)
+        return cls(
+            importance=dict(regularizer.importance),
+            anchor=dict(regularizer.anchor),
+            strategy=strategy,
+            fisher=getattr(regularizer, "fisher", None),
+            n_samples=n_samples,
+            n_tasks=regularizer.n_tasks,
+            mode=regularizer.mode,
+            gamma=regularizer.gamma,
+            normalize=getattr(regularizer, "normalize", None),  # EWC's (ewc.regularizers.scale)
+            data=dict(data or {}),
+            model={"class": type(regularizer.model).__name__},
+        )
+
     def __post_init__(self) -> None:
         _check_tensors(self.importance, self.anchor, "ImportanceFile")
 

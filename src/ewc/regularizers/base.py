@@ -1,5 +1,8 @@
 r"""The shared base of the quadratic penalties: the :class:`Regularizer` protocol and
-:class:`QuadraticRegularizer`, one merged quadratic per model.
+:class:`QuadraticRegularizer`, one merged quadratic per model. (Longer than our other modules,
+about 570 lines, half of them docstrings: one class carries everything the methods share — the
+three penalty paths, the merge, state, importance files, FSDP shards — and its invariants stay
+in one place; the arithmetic is in :mod:`ewc.regularizers.quadratic`.)
 
 Every regularizer here keeps, per trainable parameter, an importance :math:`\bar\Omega` and an
 anchor :math:`\bar\theta`, and adds to the task loss
@@ -94,6 +97,7 @@ from ewc.regularizers.checks import (
     trainable,
     warn_at_consolidate,
 )
+from ewc.regularizers.quadratic import QuadraticPenalty, merge_into
 
 __all__ = ["QuadraticRegularizer", "Regularizer"]
 
@@ -233,12 +237,12 @@ class QuadraticRegularizer(ABC):
             p = self._params[0]
             return torch.zeros((), dtype=p.dtype, device=p.device)
         if not self._sharded:
-            quadratic = _QuadraticPenalty.apply(self.lam, self._omega, self._anchor, *self._params)
+            quadratic = QuadraticPenalty.apply(self.lam, self._omega, self._anchor, *self._params)
             return quadratic + 0.5 * self.lam * self._constant
         # This rank's shards; the value summed over ranks, the gradient of this rank's part
         # (each shard's gradient is its own: as DDP, where every rank adds the whole penalty).
         omega, anchor = ([fsdp.local(t) for t in ts] for ts in (self._omega, self._anchor))
-        part = _QuadraticPenalty.apply(
+        part = QuadraticPenalty.apply(
             self.lam, omega, anchor, *[fsdp.local(p) for p in self._params]
         )
         total = fsdp.sum_over_ranks(part.detach().clone(), self._params)
@@ -411,7 +415,7 @@ class QuadraticRegularizer(ABC):
                     "Use mode='online' (SI's default) or clamp the importance at 0."
                 )
             merged = zip(own_omega, own_anchor, omega_t, anchor_t, strict=True)
-            parts = [_merge_into(*ts) for ts in merged]
+            parts = [merge_into(*ts) for ts in merged]
             if self._sharded:  # each rank merged its shards: the constant sums over ranks
                 parts = [sum(fsdp.summed(parts, self._params))]
             for part in parts:
@@ -535,33 +539,8 @@ class QuadraticRegularizer(ABC):
         the importance is negative somewhere (SI's path integral: importance files hold >= 0).
         """
         from ewc.importance_file import ImportanceFile
-        from ewc.regularizers.registry import REGULARIZERS
 
-        if self.n_tasks == 0:
-            raise ValueError(
-                f"{type(self).__name__} has consolidated no task yet: there is no importance to "
-                "save. Call consolidate(batches) first."
-            )
-        if n_samples is not None and (
-            isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1
-        ):
-            raise ValueError(f"n_samples must be a positive int or None; got {n_samples!r}.")
-        strategy = next(
-            (s.name for s in REGULARIZERS.values() if s.build is type(self)), type(self).__name__
-        )
-        return ImportanceFile(
-            importance=dict(self.importance),
-            anchor=dict(self.anchor),
-            strategy=strategy,
-            fisher=getattr(self, "fisher", None),
-            n_samples=n_samples,
-            n_tasks=self.n_tasks,
-            mode=self.mode,
-            gamma=self.gamma,
-            normalize=getattr(self, "normalize", None),  # EWC's (ewc.regularizers.scale)
-            data=dict(data or {}),
-            model={"class": type(self.model).__name__},
-        ).save(directory)
+        return ImportanceFile.of(self, data=data, n_samples=n_samples).save(directory)
 
     @classmethod
     def from_pretrained(
@@ -595,59 +574,3 @@ class QuadraticRegularizer(ABC):
             f"{type(self).__name__}(lam={self.lam:g}, mode={self.mode!r}, gamma={self.gamma:g}, "
             f"n_tasks={self.n_tasks})"
         )
-
-
-class _QuadraticPenalty(torch.autograd.Function):
-    """:math:`\\tfrac{\\lambda}{2}\\sum\\Omega(\\theta-a)^2` with the closed-form backward
-    :math:`\\lambda\\Omega(\\theta-a)`, saved from the forward: one multiply in backward instead
-    of differentiating through sub/mul/sum. Under ``create_graph=True`` the backward is
-    recomputed with differentiable ops, so Hessian-vector products see :math:`\\lambda\\Omega`."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, lam: float, omega: list[Tensor], anchor: list[Tensor], *params: Tensor
-    ) -> Tensor:
-        diff = torch._foreach_sub(list(params), anchor)
-        weighted = torch._foreach_mul(diff, omega)
-        value = torch.stack(
-            [torch.dot(w.reshape(-1), d.reshape(-1)) for w, d in zip(weighted, diff, strict=True)]
-        ).sum()
-        ctx.lam, ctx.omega, ctx.anchor, ctx.n = lam, omega, anchor, len(params)
-        ctx.save_for_backward(*weighted, *params)
-        return value * (0.5 * lam)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        weighted, params = ctx.saved_tensors[: ctx.n], ctx.saved_tensors[ctx.n :]
-        if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
-            weighted = torch._foreach_mul(torch._foreach_sub(list(params), ctx.anchor), ctx.omega)
-        return (None, None, None, *torch._foreach_mul(list(weighted), grad_output * ctx.lam))
-
-
-#: Elements merged at a time by :func:`_merge_into`: its float64 temporaries stay a few MB
-#: whatever the parameter's size (a 4096×4096 layer whole would take about 1 GB of them).
-_MERGE_CHUNK = 1 << 20
-
-
-def _merge_into(omega: Tensor, anchor: Tensor, f: Tensor, theta: Tensor) -> float:
-    """Merge ``f·(θ - theta)²`` into ``omega·(θ - anchor)²`` in place (float64 arithmetic, in
-    chunks of :data:`_MERGE_CHUNK` elements); return the constant it adds:
-    Σ omega·f/(omega+f)·(anchor - theta)²."""
-    if not (omega.is_contiguous() and anchor.is_contiguous()):  # no flat view to write through
-        return _merge_chunk(omega, anchor, f, theta)
-    flat = [omega.view(-1), anchor.view(-1), f.reshape(-1), theta.reshape(-1)]
-    return sum(
-        _merge_chunk(*chunk) for chunk in zip(*(t.split(_MERGE_CHUNK) for t in flat), strict=True)
-    )
-
-
-def _merge_chunk(omega: Tensor, anchor: Tensor, f: Tensor, theta: Tensor) -> float:
-    a, x, b, y = (t.double() for t in (omega, anchor, f, theta))
-    total = a + b
-    nonzero = total != 0
-    safe = torch.where(nonzero, total, torch.ones_like(total))
-    mean = torch.where(nonzero & (a != 0), (a * x + b * y) / safe, y)  # exactly θ on a first task
-    constant = torch.where(nonzero, a * b / safe * (x - y).square(), torch.zeros_like(total))
-    omega.copy_(total)
-    anchor.copy_(mean)
-    return float(constant.sum())
