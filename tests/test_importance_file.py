@@ -165,6 +165,8 @@ def test_missing_or_unreadable_files_are_named(saved: tuple[ewc.EWC, Path], tmp_
     _, folder = saved
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ewc.load_importance(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        ewc.load_importance(folder / META_FILE)
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     (broken / TENSOR_FILE).write_bytes(b"not safetensors")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 import warnings
 from contextlib import nullcontext
@@ -234,6 +235,8 @@ def test_ewc_fisher_of_a_sequence_classifier(bert_dir: Path, tmp_path: Path) -> 
         ({"--data": "latin1.txt"}, "latin1.txt' is not UTF-8 text"),
         ({"--model": "SMALL_VOCAB"}, r"has \d+ tokens but the model's vocabulary has 50"),
         ({"--out": "general.txt"}, "is a file; name a folder"),
+        ({"--model": "TEXT_FILE"}, "model folder '.*' is a file, not a folder"),
+        ({"--model": "NO_TOKENIZER"}, "cannot load a tokenizer .*it has no vocabulary"),
     ],
 )
 def test_bad_input_fails_up_front_naming_it(
@@ -254,9 +257,14 @@ def test_bad_input_fails_up_front_naming_it(
         transformers.GPT2Config(vocab_size=50, n_embd=8, n_layer=1, n_head=1)
     ).save_pretrained(small)
     transformers.AutoTokenizer.from_pretrained(gpt2_dir).save_pretrained(small)
+    bare = tmp_path / "no-tokenizer"  # the model's files only
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(gpt2_dir / name, bare / name)
     options = {"--model": str(gpt2_dir), "--data": str(text_file), "--out": str(tmp_path / "f")}
+    named = {"DATA_DIR": folder, "SMALL_VOCAB": small, "TEXT_FILE": text_file, "NO_TOKENIZER": bare}
     for flag, value in change.items():
-        options[flag] = {"DATA_DIR": str(folder), "SMALL_VOCAB": str(small)}.get(value, value)
+        options[flag] = str(named.get(value, value))
         if flag in ("--data", "--out") and "/" not in value:
             options[flag] = str(folder / value)
     args = [part for pair in options.items() for part in pair]

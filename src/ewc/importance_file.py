@@ -273,8 +273,9 @@ def load_importance(
 
     directory = Path(directory)
     if not directory.is_dir():
+        what = "is a file, not a folder" if directory.exists() else "does not exist"
         raise FileNotFoundError(
-            f"importance folder {str(directory)!r} does not exist; write one with "
+            f"importance folder {str(directory)!r} {what}; write one with "
             "reg.save_pretrained(folder) or `ewc fisher --out folder`"
         )
     meta = _read_meta(directory / META_FILE)

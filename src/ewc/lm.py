@@ -67,8 +67,9 @@ def load_model(path: str | os.PathLike[str]) -> LanguageModel:
     transformers = require("transformers", "hf")
     folder = Path(path)
     if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise FileNotFoundError(
-            f"model folder {str(folder)!r} does not exist; give the folder that "
+            f"model folder {str(folder)!r} {what}; give the folder that "
             "model.save_pretrained() wrote"
         )
     adapter = folder / "adapter_config.json"
@@ -98,6 +99,8 @@ def load_model(path: str | os.PathLike[str]) -> LanguageModel:
     tokenizer_dir = folder if (folder / "tokenizer_config.json").is_file() else base
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        if not tokenizer("a b")["input_ids"]:  # no vocabulary files: an empty tokenizer
+            raise ValueError("it has no vocabulary: it tokenizes text to nothing")
     except (OSError, ValueError) as e:
         raise ValueError(
             f"cannot load a tokenizer from {str(tokenizer_dir)!r} ({e}); save it into the model "
