@@ -185,3 +185,12 @@ def test_parallel_is_checked_up_front() -> None:
     with pytest.raises(ConfigError, match=r"kfac.*parallel='fsdp'.*strategy 'ewc'"):
         resolve_config(RunConfig(strategy="kfac", parallel="fsdp"))
     assert resolve_config(RunConfig(parallel="fsdp")).parallel == "fsdp"
+
+
+def test_a_data_dir_that_is_not_a_folder_is_refused_up_front(tmp_path) -> None:
+    """An explicit --data-dir that does not exist is named, not silently replaced by the cache
+    or $EWC_DATA_DIR; the offline digits benchmarks read no files and ignore it."""
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"data_dir '.*nowhere' is not a folder"):
+        resolve_config(RunConfig(benchmark="split-mnist", strategy="naive", data_dir=missing))
+    assert resolve_config(RunConfig(benchmark="split-digits", data_dir=missing)).data_dir == missing

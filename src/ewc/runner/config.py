@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -199,6 +200,12 @@ def resolve_config(config: RunConfig, own_stream: bool = False) -> RunConfig:
         choice(f"penalty path for {cfg.strategy}", cfg.penalty, paths)
     choice("evaluate_on", cfg.evaluate_on, ("test", "val"))
     check_device(cfg.device)
+    reads_files = not (cfg.benchmark or "").endswith("-digits")
+    if reads_files and cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
+        raise ConfigError(
+            f"data_dir {cfg.data_dir!r} is not a folder; give the folder that holds mnist/ and "
+            "fashion-mnist/, or leave it unset ($EWC_DATA_DIR, the cache, a download)"
+        )
     choice("parallel", cfg.parallel, PARALLEL)
     if cfg.parallel == "fsdp" and cfg.strategy == "kfac":
         raise ConfigError(
