@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ewc.readback import existing_folder
 from ewc.results import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
@@ -271,13 +272,11 @@ def load_importance(
     :class:`ImportanceFileError` naming the file and the field, or ``FileNotFoundError``."""
     from safetensors import SafetensorError, safe_open
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        what = "is a file, not a folder" if directory.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"importance folder {str(directory)!r} {what}; write one with "
-            "reg.save_pretrained(folder) or `ewc fisher --out folder`"
-        )
+    directory = existing_folder(
+        directory,
+        "importance folder",
+        "write one with reg.save_pretrained(folder) or `ewc fisher --out folder`",
+    )
     meta = _read_meta(directory / META_FILE)
     path = directory / TENSOR_FILE
     if not path.is_file():

@@ -37,6 +37,7 @@ from ewc.fisher import KINDS, fisher_diagonal
 from ewc.fisher.likelihoods import MAX_EXACT_PASSES
 from ewc.importance_file import ImportanceFile
 from ewc.progress import Progress
+from ewc.readback import existing_folder
 
 __all__ = ["LanguageModel", "compute_fisher", "load_model", "read_texts", "text_batches"]
 
@@ -65,13 +66,8 @@ def load_model(path: str | os.PathLike[str]) -> LanguageModel:
     folder and the fix for a missing folder, a folder that is not a model, an unsupported
     architecture or a missing tokenizer."""
     transformers = require("transformers", "hf")
-    folder = Path(path)
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"model folder {str(folder)!r} {what}; give the folder that "
-            "model.save_pretrained() wrote"
-        )
+    fix = "give the folder that model.save_pretrained() wrote"
+    folder = existing_folder(path, "model folder", fix)
     adapter = folder / "adapter_config.json"
     base = folder
     if adapter.is_file():

@@ -25,6 +25,7 @@ from ewc.config import Range
 
 __all__ = [
     "DamagedFileError",
+    "existing_folder",
     "mismatch",
     "read_json",
     "read_regularizer_state",
@@ -41,6 +42,16 @@ class DamagedFileError(ValueError):
 def short(value: Any) -> str:
     """A short repr of ``value`` for a message."""
     return reprlib.repr(value)
+
+
+def existing_folder(path: str | os.PathLike[str], what: str, fix: str) -> Path:
+    """``path`` as a ``Path`` if it is a folder; else ``FileNotFoundError`` saying that the
+    ``what`` (e.g. ``"model folder"``) is a file or does not exist, and ``fix``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"{what} {str(folder)!r} {state}; {fix}")
+    return folder
 
 
 def read_bytes(
